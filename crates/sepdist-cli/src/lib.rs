@@ -1,0 +1,1 @@
+//! The `sepdist` command line: clap definitions and subcommands.

@@ -1,0 +1,389 @@
+//! The configuration schema of MODEL.md. Every struct denies unknown keys and fills
+//! missing keys from its `Default`, so a partial YAML file is a complete config.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::path::PathBuf;
+
+/// The whole configuration: the three sections of the originating guide plus `distributed`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub dataset: DatasetConfig,
+    pub model: ModelConfig,
+    pub training: TrainingConfig,
+    pub distributed: DistributedConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetFormat {
+    /// `wav` when `root/train` holds track folders, `stem_mp4` when it holds `.stem.mp4` files.
+    Auto,
+    Wav,
+    StemMp4,
+    /// The generated dataset of `sepdist data synth` (MUSDB18-HQ layout), created when missing.
+    Synthetic,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    pub root: PathBuf,
+    pub format: DatasetFormat,
+    pub sources: Vec<String>,
+    pub sample_rate: u32,
+    /// Samples per training example.
+    pub segment_length: usize,
+    /// Training examples per epoch (the epoch length).
+    pub samples_per_epoch: usize,
+    pub augment: AugmentConfig,
+    /// Tracks of the train split held out for validation. Default: the standard 14-track
+    /// MUSDB18 validation subset. Names absent from the train split are ignored.
+    pub validation_tracks: Vec<String>,
+    /// Background loader: decoding threads and batches prepared ahead.
+    pub num_workers: usize,
+    pub prefetch: usize,
+    /// What `format: synthetic` generates when `root` is missing.
+    pub synthetic: SyntheticConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Each stem from an independently chosen track and offset.
+    pub remix: bool,
+    /// Per-stem gain drawn uniformly from `[min, max]`.
+    pub gain: [f32; 2],
+    pub channel_swap: bool,
+    pub polarity_flip: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticConfig {
+    /// Tracks in all; about a fifth (at least one) form the test split.
+    pub tracks: usize,
+    pub seconds: f32,
+    pub seed: u64,
+}
+
+/// Band layout of the band-split front end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bands {
+    /// BS-RoFormer's 62 bands for `n_fft = 2048`: 24×2, 12×4, 8×12, 8×24, 8×48, 128, 129 bins.
+    BsRoformer62,
+    /// Explicit bin counts per band, summing to `n_fft / 2 + 1`.
+    Widths(Vec<usize>),
+}
+
+pub const BS_ROFORMER_62: &str = "bs_roformer_62";
+
+impl Bands {
+    /// Bin counts per band.
+    pub fn widths(&self) -> Vec<usize> {
+        match self {
+            Bands::BsRoformer62 => {
+                let mut w = Vec::with_capacity(62);
+                for (count, width) in [(24, 2), (12, 4), (8, 12), (8, 24), (8, 48)] {
+                    w.extend(std::iter::repeat_n(width, count));
+                }
+                w.extend([128, 129]);
+                w
+            }
+            Bands::Widths(w) => w.clone(),
+        }
+    }
+}
+
+impl Serialize for Bands {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Bands::BsRoformer62 => s.serialize_str(BS_ROFORMER_62),
+            Bands::Widths(w) => w.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bands {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BandsVisitor;
+        impl<'de> serde::de::Visitor<'de> for BandsVisitor {
+            type Value = Bands;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a band preset (`{BS_ROFORMER_62}`) or a list of bin counts per band"
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Bands, E> {
+                match v {
+                    BS_ROFORMER_62 => Ok(Bands::BsRoformer62),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bands, A::Error> {
+                let mut widths = Vec::new();
+                while let Some(w) = seq.next_element::<usize>()? {
+                    widths.push(w);
+                }
+                Ok(Bands::Widths(widths))
+            }
+        }
+        d.deserialize_any(BandsVisitor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub n_fft: usize,
+    pub hop_length: usize,
+    pub bands: Bands,
+    pub n_layers: usize,
+    pub emb_dim: usize,
+    pub n_heads: usize,
+    /// `[time transformer, band transformer]` hidden widths.
+    pub ffn_hidden_dim: [usize; 2],
+    /// Hidden width of the mask-estimator MLPs; `null` means `4 × emb_dim`.
+    pub mask_hidden_dim: Option<usize>,
+    /// Number of Linear layers per mask-estimator MLP.
+    pub mask_depth: usize,
+}
+
+impl ModelConfig {
+    pub fn freq_bins(&self) -> usize {
+        self.n_fft / 2 + 1
+    }
+    pub fn head_dim(&self) -> usize {
+        self.emb_dim / self.n_heads.max(1)
+    }
+    pub fn mask_hidden(&self) -> usize {
+        self.mask_hidden_dim.unwrap_or(4 * self.emb_dim)
+    }
+    /// STFT frames of a centred transform of `samples` samples.
+    pub fn frames(&self, samples: usize) -> usize {
+        samples / self.hop_length.max(1) + 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Examples per rank per micro-step.
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub epochs: usize,
+    pub optimizer: OptimizerConfig,
+    pub lr_schedule: LrScheduleConfig,
+    /// Global gradient-norm clip; `null` disables clipping.
+    pub grad_clip: Option<f64>,
+    pub precision: Precision,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    pub loss: LossConfig,
+}
+
+impl TrainingConfig {
+    /// Examples per optimizer step over all ranks.
+    pub fn effective_batch(&self, world_size: usize) -> usize {
+        self.batch_size * self.gradient_accumulation_steps * world_size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrDecay {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrScheduleConfig {
+    pub warmup_steps: usize,
+    pub decay: LrDecay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+/// Waveform L1 plus the weighted multi-resolution complex-STFT L1 of MODEL.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub multi_stft_resolution_loss_weight: f64,
+    pub multi_stft_resolutions_window_sizes: Vec<usize>,
+    pub multi_stft_hop_size: usize,
+    /// Each resolution uses `n_fft = max(window, multi_stft_min_n_fft)`.
+    pub multi_stft_min_n_fft: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Auto,
+    Nccl,
+    Mpi,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    pub backend: Backend,
+    /// 0: replicated; 1: optimizer state sharded; 2: + gradients; 3: + parameters.
+    pub zero_stage: u8,
+    pub bucket_size_mb: f64,
+    /// Deadline of every collective, seconds.
+    pub timeout_s: u64,
+}
+
+/// The standard 14-track validation subset of the MUSDB18 train split, as listed in the
+/// `musdb` Python package (`musdb/configs/mus.yaml`, key `validation_tracks`) and used by
+/// open-unmix, demucs and the MDX/Cadenza challenges.
+pub const MUSDB18_VALIDATION_TRACKS: [&str; 14] = [
+    "Actions - One Minute Smile",
+    "Alexander Ross - Goodbye Bolero",
+    "ANiMAL - Rockshow",
+    "Clara Berry And Wooldog - Waltz For My Victims",
+    "Fergessen - Nos Palpitants",
+    "James May - On The Line",
+    "Johnny Lokke - Promises & Lies",
+    "Leaf - Summerghost",
+    "Meaxic - Take A Step",
+    "Patrick Talbot - A Reason To Leave",
+    "Skelpolu - Human Mistakes",
+    "Traffic Experiment - Sirens",
+    "Triviul - Angelsaint",
+    "Young Griffo - Pennies",
+];
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("data/musdb18hq"),
+            format: DatasetFormat::Auto,
+            sources: ["drums", "bass", "other", "vocals"].map(String::from).to_vec(),
+            sample_rate: 44_100,
+            segment_length: 441_000,
+            samples_per_epoch: 10_000,
+            augment: AugmentConfig::default(),
+            validation_tracks: MUSDB18_VALIDATION_TRACKS.map(String::from).to_vec(),
+            num_workers: 2,
+            prefetch: 4,
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            remix: true,
+            gain: [0.25, 1.25],
+            channel_swap: true,
+            polarity_flip: true,
+        }
+    }
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        Self {
+            tracks: 10,
+            seconds: 20.0,
+            seed: 1234,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            n_fft: 2048,
+            hop_length: 512,
+            bands: Bands::BsRoformer62,
+            n_layers: 12,
+            emb_dim: 256,
+            n_heads: 16,
+            ffn_hidden_dim: [1024, 1024],
+            mask_hidden_dim: Some(1024),
+            mask_depth: 2,
+        }
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            gradient_accumulation_steps: 2,
+            epochs: 100,
+            optimizer: OptimizerConfig::default(),
+            lr_schedule: LrScheduleConfig::default(),
+            grad_clip: Some(5.0),
+            precision: Precision::Fp32,
+            gradient_checkpointing: false,
+            seed: 42,
+            output_dir: PathBuf::from("experiments"),
+            loss: LossConfig::default(),
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3.0e-4,
+            betas: [0.9, 0.999],
+            weight_decay: 0.01,
+            eps: 1.0e-8,
+        }
+    }
+}
+
+impl Default for LrScheduleConfig {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 500,
+            decay: LrDecay::Cosine,
+        }
+    }
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            multi_stft_resolution_loss_weight: 1.0,
+            multi_stft_resolutions_window_sizes: vec![4096, 2048, 1024, 512, 256],
+            multi_stft_hop_size: 147,
+            multi_stft_min_n_fft: 2048,
+        }
+    }
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            zero_stage: 0,
+            bucket_size_mb: 25.0,
+            timeout_s: 600,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! sepdist data pipeline.
