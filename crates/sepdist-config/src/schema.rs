@@ -121,7 +121,10 @@ impl<'de> Deserialize<'de> for Bands {
                     other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
                 }
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bands, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Bands, A::Error> {
                 let mut widths = Vec::new();
                 while let Some(w) = seq.next_element::<usize>()? {
                     widths.push(w);
@@ -278,7 +281,9 @@ impl Default for DatasetConfig {
         Self {
             root: PathBuf::from("data/musdb18hq"),
             format: DatasetFormat::Auto,
-            sources: ["drums", "bass", "other", "vocals"].map(String::from).to_vec(),
+            sources: ["drums", "bass", "other", "vocals"]
+                .map(String::from)
+                .to_vec(),
             sample_rate: 44_100,
             segment_length: 441_000,
             samples_per_epoch: 10_000,
