@@ -1,0 +1,8 @@
+//! The sepdist training engine. This increment holds the parts that are pure functions of
+//! flat buffers: AdamW, global-norm clipping and the learning-rate schedule.
+
+pub mod optim;
+pub mod schedule;
+
+pub use optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
+pub use schedule::LrSchedule;
