@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 //! The `sepdist config` commands through the real binary: every shipped config passes,
 //! errors are one clear line with exit code 2.
 
