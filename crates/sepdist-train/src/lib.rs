@@ -1,6 +1,8 @@
 //! The sepdist training engine. This increment holds the parts that are pure functions of
-//! flat buffers: AdamW, global-norm clipping and the learning-rate schedule.
+//! flat buffers: AdamW, global-norm clipping, the learning-rate schedule, and the
+//! checkpoint directory format.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
 
