@@ -3,7 +3,9 @@
 //! checkpoint directory format.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
 
 pub use optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
