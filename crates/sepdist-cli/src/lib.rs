@@ -3,6 +3,9 @@
 
 mod config_cmd;
 mod data_cmd;
+mod train_cmd;
+
+pub use train_cmd::{EXIT_SIGINT, EXIT_SIGTERM};
 
 use clap::{Parser, Subcommand};
 
@@ -19,15 +22,22 @@ pub const EXIT_FAILURE: u8 = 1;
     long_about = "sepdist trains BS-RoFormer music-source-separation models on MUSDB18-HQ.\n\n\
         Configs are YAML files (see configs/); every key can be overridden with \
         --set section.key=value.",
-    arg_required_else_help = true
+    arg_required_else_help = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// With no subcommand: `train` (so `mpirun -n 4 sepdist --config X` trains).
+    #[command(flatten)]
+    pub train: Option<train_cmd::TrainArgs>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a separator (the default when no subcommand is given).
+    Train(train_cmd::TrainArgs),
     /// Check a config file or print it resolved.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -48,6 +58,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let error = e.into();
         let code = if error.is::<sepdist_config::ConfigError>() {
             EXIT_USAGE
+        } else if let Some(sepdist_train::TrainError::Setup(_)) = error.downcast_ref() {
+            EXIT_USAGE
         } else {
             EXIT_FAILURE
         };
@@ -57,10 +69,18 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 /// Runs a parsed command line. `Ok(code)` carries a non-zero code for commands that
 /// succeed in running but report a negative result (`data check` finding problems).
-pub fn run(cli: Cli) -> Result<u8, Failure> {
-    match cli.command {
-        Command::Config(cmd) => config_cmd::run(cmd),
-        Command::Data(cmd) => data_cmd::run(cmd),
+/// `heap` is the binary's counting allocator (memory figures of the progress line).
+pub fn run(cli: Cli, heap: &'static dyn sepdist_train::memory::HeapCounter) -> Result<u8, Failure> {
+    match (cli.command, cli.train) {
+        (Some(Command::Train(args)), _) | (None, Some(args)) => train_cmd::run(args, heap),
+        (Some(Command::Config(cmd)), _) => config_cmd::run(cmd),
+        (Some(Command::Data(cmd)), _) => data_cmd::run(cmd),
+        (None, None) => Err(Failure {
+            code: EXIT_USAGE,
+            error: anyhow::anyhow!(
+                "nothing to do: give a subcommand or --config FILE (see --help)"
+            ),
+        }),
     }
 }
 

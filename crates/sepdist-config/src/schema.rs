@@ -185,6 +185,19 @@ pub struct TrainingConfig {
     pub seed: u64,
     pub output_dir: PathBuf,
     pub loss: LossConfig,
+    /// Ends training after this many optimizer steps (a checkpoint is written); `null`
+    /// means `epochs` × steps per epoch.
+    pub max_steps: Option<u64>,
+    /// Optimizer steps between plain progress lines (and metrics records are every step).
+    pub log_every: u64,
+    /// Optimizer steps between validations; 0 validates at every epoch end only.
+    pub eval_every: u64,
+    /// Optimizer steps between periodic checkpoints (`step_NNNNNNNN`); 0 disables them.
+    pub checkpoint_every: u64,
+    /// Periodic checkpoints kept (older ones are deleted; epoch and best checkpoints stay).
+    pub keep_last: usize,
+    /// Consecutive non-finite steps (skipped) after which training stops with an error.
+    pub max_consecutive_skips: u64,
 }
 
 impl TrainingConfig {
@@ -347,6 +360,12 @@ impl Default for TrainingConfig {
             seed: 42,
             output_dir: PathBuf::from("experiments"),
             loss: LossConfig::default(),
+            max_steps: None,
+            log_every: 10,
+            eval_every: 0,
+            checkpoint_every: 500,
+            keep_last: 3,
+            max_consecutive_skips: 10,
         }
     }
 }

@@ -3,10 +3,13 @@
 //! checkpoint directory format.
 
 pub mod checkpoint;
+pub mod engine;
 pub mod memory;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod trainer;
 
 pub use optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 pub use schedule::LrSchedule;
+pub use trainer::{Outcome, TestHooks, TrainError, TrainRequest, train};
