@@ -30,6 +30,8 @@ pub struct TrainArgs {
 
 /// Steps (1-based, comma-separated) whose loss and gradients a test makes NaN.
 const NAN_HOOK: &str = "SEPDIST_TEST_NAN_AT_STEPS";
+/// Stop as if by SIGTERM once this many optimizer steps are done.
+const STOP_HOOK: &str = "SEPDIST_TEST_STOP_AFTER_STEPS";
 
 fn hooks() -> Result<TestHooks, crate::Failure> {
     let mut hooks = TestHooks::default();
@@ -41,6 +43,13 @@ fn hooks() -> Result<TestHooks, crate::Failure> {
                 .map_err(|_| anyhow::anyhow!("{NAN_HOOK}: `{item}` is not a step number"))?;
             hooks.nan_at_steps.push(step.saturating_sub(1));
         }
+    }
+    if let Ok(text) = std::env::var(STOP_HOOK) {
+        let steps = text
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{STOP_HOOK}: `{text}` is not a step count"))?;
+        hooks.stop_after_steps = Some(steps);
     }
     Ok(hooks)
 }

@@ -47,11 +47,15 @@ impl From<candle_core::Error> for TrainError {
     }
 }
 
+const SIGTERM: usize = 15;
+
 /// Test hooks, set by the CLI from `SEPDIST_TEST_*` environment variables.
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     /// Optimizer steps (0-based) whose loss and gradient are replaced by NaN.
     pub nan_at_steps: Vec<u64>,
+    /// Behave as if SIGTERM arrived once this many optimizer steps are done.
+    pub stop_after_steps: Option<u64>,
 }
 
 /// What to train and how.
@@ -198,7 +202,10 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
     )?;
     let mut last_saved = None;
     while step < total_steps {
-        let signal = req.stop.load(Ordering::SeqCst);
+        let mut signal = req.stop.load(Ordering::SeqCst);
+        if req.hooks.stop_after_steps == Some(step) {
+            signal = SIGTERM;
+        }
         if signal != 0 {
             let path = trainer.save(&format!("step_{step:08}"), step)?;
             trainer.progress.finish();

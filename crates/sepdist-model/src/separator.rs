@@ -1,0 +1,631 @@
+//! The BS-RoFormer separator of MODEL.md as a chain of pure blocks.
+//!
+//! Layouts:
+//! - mixture `[B, 2, N]`; its STFT (the input of `band_split`) `[B, 2, F, T, 2]` with (re, im)
+//!   last;
+//! - between blocks `[B, T, K, D]` (frames, bands, embedding);
+//! - output of `head` `[B, S, 2, N]`.
+//!
+//! Band-split features of band `k` (width `f_k`, first bin `s_k`) are ordered
+//! `(bin, channel, re/im)`, re/im fastest: feature `(j·2 + c)·2 + r` is bin `s_k + j`, channel
+//! `c`, part `r` (the `b t (f s c)` order of lucidrains' BS-RoFormer). Mask-estimator outputs use
+//! the same order.
+//!
+//! Parameter names and shapes (`g` = band group, see [`crate::bands`], `n_g` bands of width
+//! `w_g`, `d_g = 4·w_g`, `I = H·Dh`):
+//! - `band_split.groups.{g}.norm.gamma` `[n_g, d_g]`, `band_split.groups.{g}.linear.weight`
+//!   `[n_g, d_g, D]` (in × out, so a band's map is `x · W[j] + b[j]`), `.linear.bias` `[n_g, D]`;
+//! - `layers.{i}.{time|band}.attn.norm.gamma` `[D]`, `.attn.qkv.weight` `[3·I, D]` (PyTorch
+//!   out × in; output features ordered (q|k|v, head, dh)), `.attn.out.weight` `[D, I]`,
+//!   `.ff.norm.gamma` `[D]`, `.ff.fc1.weight` `[h, D]`, `.ff.fc1.bias` `[h]`, `.ff.fc2.weight`
+//!   `[D, h]`, `.ff.fc2.bias` `[D]`;
+//! - `final_norm.gamma` `[D]`;
+//! - `mask_estimators.{s}.groups.{g}.layers.{l}.weight` `[n_g, in_l, out_l]`, `.bias`
+//!   `[n_g, out_l]`, `l < mask_depth`, widths `D → mask_hidden → … → 2·d_g`.
+
+use crate::bands::BandLayout;
+use crate::error::{ModelError, Result};
+use crate::ops::{attention, norm, rope::Rope, stft::Stft};
+use crate::params::{Init, ParamSpec, count_scalars, select_params};
+use candle_core::{DType, Device, Tensor};
+use sepdist_config::ModelConfig;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// RMSNorm epsilon (inside the square root). A config key may come later.
+pub const RMS_EPS: f64 = 1e-6;
+/// RoPE frequency base (lucidrains' rotary-embedding-torch default).
+pub const ROPE_BASE: f64 = 10_000.0;
+
+/// Sizes the blocks need, derived from a validated [`ModelConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dims {
+    pub n_fft: usize,
+    pub hop: usize,
+    pub layout: BandLayout,
+    pub n_layers: usize,
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// `[time, band]` feed-forward hidden widths.
+    pub ffn: [usize; 2],
+    pub mask_hidden: usize,
+    pub mask_depth: usize,
+    pub n_sources: usize,
+}
+
+impl Dims {
+    /// Checks every rule the model itself relies on.
+    pub fn new(cfg: &ModelConfig, n_sources: usize) -> Result<Self> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if cfg.n_fft < 4 || cfg.n_fft % 2 != 0 {
+            return bad(format!("n_fft must be even and >= 4, got {}", cfg.n_fft));
+        }
+        if cfg.hop_length == 0 {
+            return bad("hop_length must be positive".into());
+        }
+        if cfg.emb_dim == 0 || cfg.n_heads == 0 || cfg.emb_dim % cfg.n_heads != 0 {
+            return bad(format!(
+                "emb_dim ({}) must be a positive multiple of n_heads ({})",
+                cfg.emb_dim, cfg.n_heads
+            ));
+        }
+        let head_dim = cfg.emb_dim / cfg.n_heads;
+        if head_dim % 2 != 0 {
+            return bad(format!(
+                "head dim {head_dim} must be even for rotary embeddings"
+            ));
+        }
+        if cfg.ffn_hidden_dim.contains(&0) || cfg.mask_hidden() == 0 {
+            return bad("hidden widths must be positive".into());
+        }
+        if cfg.mask_depth == 0 {
+            return bad("mask_depth must be at least 1".into());
+        }
+        if n_sources == 0 {
+            return bad("at least one source is needed".into());
+        }
+        Ok(Self {
+            n_fft: cfg.n_fft,
+            hop: cfg.hop_length,
+            layout: BandLayout::new(&cfg.bands.widths(), cfg.freq_bins())?,
+            n_layers: cfg.n_layers,
+            dim: cfg.emb_dim,
+            heads: cfg.n_heads,
+            head_dim,
+            ffn: cfg.ffn_hidden_dim,
+            mask_hidden: cfg.mask_hidden(),
+            mask_depth: cfg.mask_depth,
+            n_sources,
+        })
+    }
+
+    /// Widths of the mask-estimator MLP of a band with `d_in` input features.
+    fn mask_widths(&self, d_in: usize) -> Vec<usize> {
+        let mut w = vec![self.dim];
+        w.extend(std::iter::repeat_n(self.mask_hidden, self.mask_depth - 1));
+        w.push(2 * d_in);
+        w
+    }
+}
+
+/// Which attention kernel the transformer blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKind {
+    /// Memory-lean FlashAttention op (training and inference).
+    #[default]
+    Flash,
+    /// Composed softmax attention (materialises scores; for tests).
+    Reference,
+}
+
+/// Per-batch data that is not a function of the parameters.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    /// Mixture STFT `[B, 2, F, T, 2]`: the input of `band_split` and the signal the head masks.
+    pub spec: Tensor,
+    /// Output length `N` in samples.
+    pub length: usize,
+    pub attention: AttentionKind,
+    time_rope: Rope,
+    band_rope: Rope,
+}
+
+impl ForwardContext {
+    /// Batch size and STFT frames.
+    pub fn batch_frames(&self) -> Result<(usize, usize)> {
+        let (b, _, _, t, _) = self.spec.dims5()?;
+        Ok((b, t))
+    }
+}
+
+/// Kind of a block, in chain order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// Mixture STFT `[B, 2, F, T, 2]` → `[B, T, K, D]`.
+    BandSplit,
+    /// Transformer over frames (sequence T, batch B·K): `[B, T, K, D]` → same.
+    Time { layer: usize },
+    /// Transformer over bands (sequence K, batch B·T): `[B, T, K, D]` → same.
+    Band { layer: usize },
+    /// Final norm, mask estimators, complex masking, iSTFT: `[B, T, K, D]` → `[B, S, 2, N]`.
+    Head,
+}
+
+/// Parameter slots of a block, in construction order (mapped to name-sorted positions).
+#[derive(Debug, Clone)]
+enum Slots {
+    /// Per group: (gamma, weight, bias).
+    BandSplit(Vec<[usize; 3]>),
+    Transformer([usize; 8]),
+    /// Final norm gamma; per source, per group, per layer: (weight, bias).
+    Head(usize, Vec<Vec<Vec<[usize; 2]>>>),
+}
+
+/// One block: a pure function of (its parameters, its input, the context).
+#[derive(Debug, Clone)]
+pub struct Block {
+    kind: BlockKind,
+    name: String,
+    /// Name-sorted.
+    specs: Vec<ParamSpec>,
+    /// `pos[slot]`: index into `specs` / the `params` slice.
+    pos: Vec<usize>,
+    slots: Slots,
+    dims: Arc<Dims>,
+    stft: Arc<Stft>,
+}
+
+struct SpecBuilder(Vec<ParamSpec>);
+
+impl SpecBuilder {
+    fn add(&mut self, name: String, shape: &[usize], init: Init) -> usize {
+        self.0.push(ParamSpec::new(name, shape, init));
+        self.0.len() - 1
+    }
+}
+
+impl Block {
+    fn build(kind: BlockKind, dims: Arc<Dims>, stft: Arc<Stft>) -> Self {
+        let mut b = SpecBuilder(Vec::new());
+        let d = dims.dim;
+        let lin = |fan_in| Init::LinearUniform { fan_in };
+        let (name, slots) = match kind {
+            BlockKind::BandSplit => {
+                let mut s = Vec::new();
+                for (g, grp) in dims.layout.groups.iter().enumerate() {
+                    let (n, di) = (grp.bands.len(), grp.dim_in());
+                    let p = format!("band_split.groups.{g}");
+                    s.push([
+                        b.add(format!("{p}.norm.gamma"), &[n, di], Init::Ones),
+                        b.add(format!("{p}.linear.weight"), &[n, di, d], lin(di)),
+                        b.add(format!("{p}.linear.bias"), &[n, d], lin(di)),
+                    ]);
+                }
+                ("band_split".to_string(), Slots::BandSplit(s))
+            }
+            BlockKind::Time { layer } | BlockKind::Band { layer } => {
+                let (axis, h) = match kind {
+                    BlockKind::Time { .. } => ("time", dims.ffn[0]),
+                    _ => ("band", dims.ffn[1]),
+                };
+                let p = format!("layers.{layer}.{axis}");
+                let inner = dims.heads * dims.head_dim;
+                let s = [
+                    b.add(format!("{p}.attn.norm.gamma"), &[d], Init::Ones),
+                    b.add(format!("{p}.attn.qkv.weight"), &[3 * inner, d], lin(d)),
+                    b.add(format!("{p}.attn.out.weight"), &[d, inner], lin(inner)),
+                    b.add(format!("{p}.ff.norm.gamma"), &[d], Init::Ones),
+                    b.add(format!("{p}.ff.fc1.weight"), &[h, d], lin(d)),
+                    b.add(format!("{p}.ff.fc1.bias"), &[h], lin(d)),
+                    b.add(format!("{p}.ff.fc2.weight"), &[d, h], lin(h)),
+                    b.add(format!("{p}.ff.fc2.bias"), &[d], lin(h)),
+                ];
+                (p, Slots::Transformer(s))
+            }
+            BlockKind::Head => {
+                let fin = b.add("final_norm.gamma".into(), &[d], Init::Ones);
+                let mut per_source = Vec::new();
+                for s in 0..dims.n_sources {
+                    let mut per_group = Vec::new();
+                    for (g, grp) in dims.layout.groups.iter().enumerate() {
+                        let n = grp.bands.len();
+                        let w = dims.mask_widths(grp.dim_in());
+                        let p = format!("mask_estimators.{s}.groups.{g}.layers");
+                        let layers = (0..w.len() - 1)
+                            .map(|l| {
+                                [
+                                    b.add(
+                                        format!("{p}.{l}.weight"),
+                                        &[n, w[l], w[l + 1]],
+                                        lin(w[l]),
+                                    ),
+                                    b.add(format!("{p}.{l}.bias"), &[n, w[l + 1]], lin(w[l])),
+                                ]
+                            })
+                            .collect();
+                        per_group.push(layers);
+                    }
+                    per_source.push(per_group);
+                }
+                ("head".to_string(), Slots::Head(fin, per_source))
+            }
+        };
+        let mut order: Vec<usize> = (0..b.0.len()).collect();
+        order.sort_by(|&i, &j| b.0[i].name.cmp(&b.0[j].name));
+        let mut pos = vec![0; order.len()];
+        for (sorted, &slot) in order.iter().enumerate() {
+            pos[slot] = sorted;
+        }
+        let specs = order.iter().map(|&i| b.0[i].clone()).collect();
+        Self {
+            kind,
+            name,
+            specs,
+            pos,
+            slots,
+            dims,
+            stft,
+        }
+    }
+
+    pub fn kind(&self) -> BlockKind {
+        self.kind
+    }
+
+    /// `band_split`, `layers.{i}.time`, `layers.{i}.band` or `head`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This block's parameters, name-sorted: the order `forward` takes them in.
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// Scalars over this block's parameters.
+    pub fn num_params(&self) -> u64 {
+        count_scalars(&self.specs)
+    }
+
+    /// Runs the block. `params` in [`Block::param_specs`] order; `x` as documented on
+    /// [`BlockKind`]. Pure: the output depends only on `params`, `x` and `ctx`.
+    pub fn forward(&self, params: &[Tensor], x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        if params.len() != self.specs.len() {
+            return Err(ModelError::Input(format!(
+                "block {} takes {} parameters, got {}",
+                self.name,
+                self.specs.len(),
+                params.len()
+            )));
+        }
+        let p = |slot: usize| &params[self.pos[slot]];
+        match &self.slots {
+            Slots::BandSplit(s) => self.band_split(s, &p, x),
+            Slots::Transformer(s) => {
+                let (b, t, k, d) = x.dims4()?;
+                let ps: Vec<&Tensor> = s.iter().map(|&i| p(i)).collect();
+                Ok(match self.kind {
+                    BlockKind::Time { .. } => {
+                        let xs = x.transpose(1, 2)?.contiguous()?.reshape((b * k, t, d))?;
+                        let y = self.transformer(&ps, &xs, &ctx.time_rope, ctx.attention)?;
+                        y.reshape((b, k, t, d))?.transpose(1, 2)?.contiguous()?
+                    }
+                    _ => {
+                        let xs = x.reshape((b * t, k, d))?;
+                        let y = self.transformer(&ps, &xs, &ctx.band_rope, ctx.attention)?;
+                        y.reshape((b, t, k, d))?
+                    }
+                })
+            }
+            Slots::Head(fin, mlps) => {
+                let mask = self.masks(p(*fin), mlps, &p, x)?;
+                apply_mask_istft(&self.stft, &mask, &ctx.spec, ctx.length)
+            }
+        }
+    }
+
+    /// `[B, 2, F, T, 2]` → `[B, T, K, D]`: per band RMSNorm(d_k) and Linear(d_k → D), batched
+    /// per band group.
+    fn band_split<'a>(
+        &self,
+        slots: &[[usize; 3]],
+        p: &dyn Fn(usize) -> &'a Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let l = &self.dims.layout;
+        let (b, c, f, t, two) = x.dims5()?;
+        if c != 2 || two != 2 || f != l.freq_bins() {
+            return Err(ModelError::Input(format!(
+                "band_split expects [B, 2, {}, T, 2], got {:?}",
+                l.freq_bins(),
+                x.dims()
+            )));
+        }
+        let bt = b * t;
+        // (bin, channel, re/im) features per frame.
+        let feats = x
+            .permute((0, 3, 2, 1, 4))?
+            .contiguous()?
+            .reshape((bt, 4 * f))?;
+        let mut outs = Vec::with_capacity(l.groups.len());
+        for (g, grp) in l.groups.iter().enumerate() {
+            let di = grp.dim_in();
+            let parts = l
+                .runs
+                .iter()
+                .filter(|r| r.group == g)
+                .map(|r| {
+                    feats
+                        .narrow(1, 4 * r.bin, r.len * di)?
+                        .reshape((bt, r.len, di))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let xg = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
+            let [gamma, w, bias] = slots[g].map(p);
+            let ones = Tensor::ones(di, xg.dtype(), xg.device())?;
+            let xn = norm::rms_norm(&xg, &ones, RMS_EPS)?.broadcast_mul(&gamma.unsqueeze(1)?)?;
+            outs.push(xn.matmul(w)?.broadcast_add(&bias.unsqueeze(1)?)?); // [n_g, BT, D]
+        }
+        let parts = l
+            .runs
+            .iter()
+            .map(|r| outs[r.group].narrow(0, r.member, r.len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = Tensor::cat(&parts, 0)?.transpose(0, 1)?.contiguous()?; // [BT, K, D]
+        Ok(y.reshape((b, t, l.n_bands(), self.dims.dim))?)
+    }
+
+    /// One pre-norm transformer layer over `xs` `[N, L, D]`.
+    fn transformer(
+        &self,
+        p: &[&Tensor],
+        xs: &Tensor,
+        rope: &Rope,
+        kind: AttentionKind,
+    ) -> Result<Tensor> {
+        let (n, len, d) = xs.dims3()?;
+        let (h, dh) = (self.dims.heads, self.dims.head_dim);
+        let inner = h * dh;
+        let [g1, wqkv, wo, g2, w1, b1, w2, b2] = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]];
+        let hn = norm::rms_norm(xs, g1, RMS_EPS)?.reshape((n * len, d))?;
+        let qkv = hn.matmul(&wqkv.t()?)?.reshape((n, len, 3, h, dh))?;
+        let qkv = qkv.permute((2, 0, 3, 1, 4))?; // [3, N, H, L, Dh]
+        let q = rope.apply(&qkv.get(0)?.contiguous()?)?;
+        let k = rope.apply(&qkv.get(1)?.contiguous()?)?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = (dh as f64).powf(-0.5);
+        let o = match kind {
+            AttentionKind::Flash => attention::flash_attention(&q, &k, &v, scale)?,
+            AttentionKind::Reference => attention::reference_attention(&q, &k, &v, scale)?,
+        };
+        let o = o.transpose(1, 2)?.contiguous()?.reshape((n * len, inner))?;
+        let xs = (xs + o.matmul(&wo.t()?)?.reshape((n, len, d))?)?;
+        let hn = norm::rms_norm(&xs, g2, RMS_EPS)?.reshape((n * len, d))?;
+        let hid = hn.matmul(&w1.t()?)?.broadcast_add(b1)?.gelu_erf()?;
+        let out = hid
+            .matmul(&w2.t()?)?
+            .broadcast_add(b2)?
+            .reshape((n, len, d))?;
+        Ok((xs + out)?)
+    }
+
+    /// `[B, T, K, D]` → complex masks `[B, S, 2, F, T, 2]`.
+    fn masks<'a>(
+        &self,
+        gamma: &Tensor,
+        mlps: &[Vec<Vec<[usize; 2]>>],
+        p: &dyn Fn(usize) -> &'a Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let l = &self.dims.layout;
+        let (b, t, k, d) = x.dims4()?;
+        let bt = b * t;
+        let xn = norm::rms_norm(x, gamma, RMS_EPS)?.reshape((bt, k, d))?;
+        let xk = xn.transpose(0, 1)?.contiguous()?; // [K, BT, D]
+        let inputs = (0..l.groups.len())
+            .map(|g| {
+                let parts = l
+                    .runs
+                    .iter()
+                    .filter(|r| r.group == g)
+                    .map(|r| xk.narrow(0, r.band, r.len))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0) // [n_g, BT, D]
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let f = l.freq_bins();
+        let mut per_source = Vec::with_capacity(mlps.len());
+        for src in mlps {
+            let mut outs = Vec::with_capacity(l.groups.len());
+            for (g, layers) in src.iter().enumerate() {
+                let mut h = inputs[g].clone();
+                for (i, [w, bias]) in layers.iter().enumerate() {
+                    h = h.matmul(p(*w))?.broadcast_add(&p(*bias).unsqueeze(1)?)?;
+                    if i + 1 < layers.len() {
+                        h = h.tanh()?;
+                    }
+                }
+                let di = l.groups[g].dim_in();
+                // GLU: first half times sigmoid of the second; sigmoid(z) = (tanh(z/2) + 1)/2
+                // is composed from ops with a backward.
+                let gate = ((h.narrow(2, di, di)? * 0.5)?.tanh()? + 1.0)? * 0.5;
+                outs.push((h.narrow(2, 0, di)? * gate?)?); // [n_g, BT, d_g]
+            }
+            let parts = l
+                .runs
+                .iter()
+                .map(|r| {
+                    let di = l.groups[r.group].dim_in();
+                    outs[r.group]
+                        .narrow(0, r.member, r.len)?
+                        .transpose(0, 1)?
+                        .reshape((bt, r.len * di))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let m = Tensor::cat(&parts, 1)?.reshape((b, t, f, 2, 2))?;
+            per_source.push(m.permute((0, 3, 2, 1, 4))?); // [B, 2, F, T, 2]
+        }
+        Ok(Tensor::stack(&per_source, 1)?)
+    }
+}
+
+/// Complex masking and inverse STFT: `mask` `[B, S, 2, F, T, 2]` times the mixture STFT `spec`
+/// `[B, 2, F, T, 2]` (complex product, (re, im) last), then iSTFT trimmed to `length`:
+/// `[B, S, 2, length]`.
+pub fn apply_mask_istft(
+    stft: &Stft,
+    mask: &Tensor,
+    spec: &Tensor,
+    length: usize,
+) -> Result<Tensor> {
+    let spec = spec.unsqueeze(1)?;
+    let (mr, mi) = (mask.narrow(5, 0, 1)?, mask.narrow(5, 1, 1)?);
+    let (sr, si) = (spec.narrow(5, 0, 1)?, spec.narrow(5, 1, 1)?);
+    let re = (mr.broadcast_mul(&sr)? - mi.broadcast_mul(&si)?)?;
+    let im = (mr.broadcast_mul(&si)? + mi.broadcast_mul(&sr)?)?;
+    let y = Tensor::cat(&[re, im], 5)?;
+    Ok(stft.inverse(&y, length)?)
+}
+
+/// The separator: `band_split`, `n_layers` × (`time`, `band`), `head`.
+#[derive(Debug, Clone)]
+pub struct Separator {
+    dims: Arc<Dims>,
+    stft: Arc<Stft>,
+    blocks: Vec<Block>,
+}
+
+impl Separator {
+    /// Validates `cfg` and lays out the blocks; allocates no parameters.
+    pub fn new(cfg: &ModelConfig, n_sources: usize) -> Result<Self> {
+        let dims = Arc::new(Dims::new(cfg, n_sources)?);
+        let stft = Arc::new(Stft::new(dims.n_fft, dims.hop, dims.n_fft)?);
+        let mut blocks = vec![Block::build(
+            BlockKind::BandSplit,
+            dims.clone(),
+            stft.clone(),
+        )];
+        for layer in 0..dims.n_layers {
+            blocks.push(Block::build(
+                BlockKind::Time { layer },
+                dims.clone(),
+                stft.clone(),
+            ));
+            blocks.push(Block::build(
+                BlockKind::Band { layer },
+                dims.clone(),
+                stft.clone(),
+            ));
+        }
+        blocks.push(Block::build(BlockKind::Head, dims.clone(), stft.clone()));
+        Ok(Self { dims, stft, blocks })
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    /// The STFT of the model (`n_fft`, `hop_length`, Hann window of `n_fft`).
+    pub fn stft(&self) -> &Stft {
+        &self.stft
+    }
+
+    /// Blocks in execution order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// All parameters, name-sorted.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        let mut v: Vec<ParamSpec> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.specs.iter().cloned())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Number of scalars over all parameter specs (shapes only).
+    pub fn num_params(&self) -> u64 {
+        self.blocks.iter().map(Block::num_params).sum()
+    }
+
+    /// All parameters initialised from `seed` (PyTorch default Linear init, norm gains 1).
+    pub fn init_params(
+        &self,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        crate::params::init_params(&self.param_specs(), seed, device, dtype)
+    }
+
+    /// The parameters of `block` out of a full map, in the block's order.
+    pub fn block_params(
+        &self,
+        block: &Block,
+        params: &BTreeMap<String, Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        select_params(&block.specs, params)
+    }
+
+    /// Mixture STFT and RoPE tables for `mixture` `[B, 2, N]` (dtype and device of the
+    /// mixture), using FlashAttention.
+    pub fn prepare_context(&self, mixture: &Tensor) -> Result<ForwardContext> {
+        self.prepare_context_with(mixture, AttentionKind::Flash)
+    }
+
+    pub fn prepare_context_with(
+        &self,
+        mixture: &Tensor,
+        attention: AttentionKind,
+    ) -> Result<ForwardContext> {
+        let (_, c, n) = mixture.dims3()?;
+        if c != 2 || n <= self.dims.n_fft / 2 {
+            return Err(ModelError::Input(format!(
+                "mixture must be [B, 2, N] with N > n_fft/2 = {}, got {:?}",
+                self.dims.n_fft / 2,
+                mixture.dims()
+            )));
+        }
+        let spec = self.stft.forward(&mixture.detach())?;
+        let frames = spec.dim(3)?;
+        let (dev, dt) = (mixture.device(), mixture.dtype());
+        let hd = self.dims.head_dim;
+        Ok(ForwardContext {
+            spec,
+            length: n,
+            attention,
+            time_rope: Rope::new(frames, hd, ROPE_BASE, dev, dt)?,
+            band_rope: Rope::new(self.dims.layout.n_bands(), hd, ROPE_BASE, dev, dt)?,
+        })
+    }
+
+    /// Chains every block: `[B, 2, N]` → `[B, S, 2, N]`.
+    pub fn forward(&self, params: &BTreeMap<String, Tensor>, mixture: &Tensor) -> Result<Tensor> {
+        let ctx = self.prepare_context(mixture)?;
+        self.forward_ctx(params, &ctx)
+    }
+
+    /// Chains every block on a prepared context.
+    pub fn forward_ctx(
+        &self,
+        params: &BTreeMap<String, Tensor>,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let mut x = ctx.spec.clone();
+        for b in &self.blocks {
+            x = b.forward(&self.block_params(b, params)?, &x, ctx)?;
+        }
+        Ok(x)
+    }
+}
+
+impl ForwardContext {
+    /// Input of the first block (`band_split`): the mixture STFT.
+    pub fn first_input(&self) -> &Tensor {
+        &self.spec
+    }
+}
