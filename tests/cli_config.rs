@@ -88,6 +88,21 @@ fn presets_carry_the_guide_values() {
 }
 
 #[test]
+fn every_shipped_config_builds_a_model_with_the_closed_form_parameter_count() {
+    for file in config_files() {
+        let c = sepdist_config::load_file(&file, &[]).unwrap();
+        let sources = c.dataset.sources.len();
+        let model = sepdist_model::Separator::new(&c.model, sources).unwrap();
+        assert_eq!(
+            model.num_params(),
+            sepdist_model::param_count(&c.model, sources),
+            "{}",
+            file.display()
+        );
+    }
+}
+
+#[test]
 fn show_prints_a_loadable_resolved_config_with_derived_values() {
     let out = sepdist(&[
         "config",

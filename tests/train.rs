@@ -429,3 +429,47 @@ fn sigint_writes_a_checkpoint_at_the_next_step_and_exits_130() {
         .collect();
     assert!(hidden.is_empty(), "{hidden:?}");
 }
+
+#[test]
+fn the_quickstart_config_trains_a_few_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sepdist"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--config", "configs/quickstart.yaml"])
+        .arg("--set")
+        .arg(format!(
+            "training.output_dir={}",
+            dir.path().join("out").display()
+        ))
+        .arg("--set")
+        .arg(format!(
+            "dataset.root={}",
+            dir.path().join("data").display()
+        ))
+        .args([
+            "--set",
+            "dataset.synthetic.tracks=3",
+            "--set",
+            "dataset.synthetic.seconds=2",
+            "--set",
+            "training.max_steps=2",
+            "--set",
+            "training.batch_size=2",
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("generated the synthetic dataset"), "{err}");
+    assert!(err.contains("step 0: validation loss"), "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"train\"")).count(),
+        2
+    );
+    assert!(
+        dir.path()
+            .join("out/checkpoints/step_00000002/model.safetensors")
+            .is_file()
+    );
+}

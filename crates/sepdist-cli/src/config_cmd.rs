@@ -62,6 +62,18 @@ fn derived(c: &Config, world_size: Option<usize>) -> String {
     ));
     line(format!("head dim: {}", m.head_dim()));
     line(format!("mask hidden dim: {}", m.mask_hidden()));
+    let sources = c.dataset.sources.len();
+    line(format!(
+        "parameters: {} ({:.1} MB in fp32)",
+        thousands(sepdist_model::param_count(m, sources)),
+        sepdist_model::param_count(m, sources) as f64 * 4.0 / 1e6
+    ));
+    let forward = sepdist_model::flops_per_sample(m, sources, c.dataset.segment_length);
+    line(format!(
+        "FLOPs per sample: {} forward, about {} forward+backward (3×)",
+        flops(forward),
+        flops(3.0 * forward)
+    ));
     let mut sizes = vec![1, 2, 4, 8];
     if let Some(w) = world_size.filter(|w| !sizes.contains(w)) {
         sizes.push(w);
@@ -70,11 +82,41 @@ fn derived(c: &Config, world_size: Option<usize>) -> String {
     for w in sizes {
         let g = t.effective_batch(w);
         line(format!(
-            "world size {w}: effective batch {} × {} × {w} = {g}, {} optimizer steps per epoch",
+            "world size {w}: effective batch {} × {} × {w} = {g}, {} optimizer steps per epoch, {} per step",
             t.batch_size,
             t.gradient_accumulation_steps,
-            c.dataset.samples_per_epoch.div_ceil(g.max(1))
+            c.dataset.samples_per_epoch.div_ceil(g.max(1)),
+            flops(3.0 * forward * g as f64)
         ));
     }
     out
+}
+
+/// `118872868` → `118,872,868`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `4.62 TFLOP`, `812 MFLOP`, ...
+fn flops(x: f64) -> String {
+    let units = [
+        (1e15, "PFLOP"),
+        (1e12, "TFLOP"),
+        (1e9, "GFLOP"),
+        (1e6, "MFLOP"),
+    ];
+    for (scale, unit) in units {
+        if x >= scale {
+            return format!("{:.3} {unit}", x / scale);
+        }
+    }
+    format!("{x:.0} FLOP")
 }

@@ -200,6 +200,10 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
         cfg.dataset.num_workers,
         cfg.dataset.prefetch,
     )?;
+    if step == 0 {
+        // The starting point, so the log shows what training gained.
+        trainer.validate(0, &mut metrics, false)?;
+    }
     let mut last_saved = None;
     while step < total_steps {
         let mut signal = req.stop.load(Ordering::SeqCst);
@@ -252,7 +256,7 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
             .map_err(io(&t.output_dir))?;
         let epoch_end = step % steps_per_epoch == 0;
         if (t.eval_every > 0 && step % t.eval_every == 0) || epoch_end {
-            trainer.validate(step, &mut metrics)?;
+            trainer.validate(step, &mut metrics, true)?;
         }
         if epoch_end {
             trainer.save(&format!("checkpoint_epoch{}", epoch + 1), step)?;
@@ -347,9 +351,14 @@ impl Trainer {
         Ok((losses, lr, norm, false))
     }
 
-    /// Mean loss over the validation tracks in segment-length chunks; saves `best_model`
-    /// when it improves.
-    fn validate(&mut self, step: u64, metrics: &mut MetricsWriter) -> Result<(), TrainError> {
+    /// Mean loss over the validation tracks in segment-length chunks; with `keep_best`,
+    /// saves `best_model` when it improves.
+    fn validate(
+        &mut self,
+        step: u64,
+        metrics: &mut MetricsWriter,
+        keep_best: bool,
+    ) -> Result<(), TrainError> {
         if self.valid.is_empty() {
             return Ok(());
         }
@@ -379,10 +388,11 @@ impl Trainer {
             waveform: sum.waveform / count.max(1) as f64,
             multi_stft: sum.multi_stft / count.max(1) as f64,
         };
-        let improved = self
-            .state
-            .best_validation
-            .is_none_or(|best| mean.total < best);
+        let improved = keep_best
+            && self
+                .state
+                .best_validation
+                .is_none_or(|best| mean.total < best);
         self.progress.println(&format!(
             "step {step}: validation loss {:.4} over {count} chunks{}",
             mean.total,
