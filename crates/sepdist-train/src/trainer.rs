@@ -8,7 +8,7 @@ use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::progress::{MetricsWriter, Progress, StepReport};
 use crate::schedule::LrSchedule;
 use candle_core::{DType, Device, Tensor};
-use sepdist_config::Config;
+use sepdist_config::{Backend, Config, Precision};
 use sepdist_data::{ChunkIter, DataError, Loader, Musdb, Sampler, Schedule};
 use sepdist_model::loss::SeparationLoss;
 use sepdist_model::{ModelError, Separator};
@@ -142,6 +142,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
     let cfg = req.config.clone();
     let t = &cfg.training;
+    // Settings this build cannot honour are refused, never silently replaced.
+    if t.precision == Precision::Bf16 {
+        return Err(TrainError::Setup(
+            "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
+        ));
+    }
+    if matches!(cfg.distributed.backend, Backend::Mpi | Backend::Nccl) {
+        return Err(TrainError::Setup(format!(
+            "distributed.backend: {:?} is not available in this build (single-process training only); use auto or none",
+            cfg.distributed.backend
+        ).to_lowercase()));
+    }
     let device = Device::Cpu;
     let data = Musdb::from_config(&cfg.dataset)?;
     let sampler = Arc::new(Sampler::from_config(&data, &cfg)?);
