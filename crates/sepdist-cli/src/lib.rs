@@ -56,13 +56,14 @@ pub struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
-        let code = if error.is::<sepdist_config::ConfigError>() {
-            EXIT_USAGE
-        } else if let Some(sepdist_train::TrainError::Setup(_)) = error.downcast_ref() {
-            EXIT_USAGE
-        } else {
-            EXIT_FAILURE
-        };
+        let code =
+            if error.is::<sepdist_config::ConfigError>() || error.is::<sepdist_comm::CommError>() {
+                EXIT_USAGE
+            } else if let Some(sepdist_train::TrainError::Setup(_)) = error.downcast_ref() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            };
         Failure { code, error }
     }
 }

@@ -1,5 +1,5 @@
 use clap::Args;
-use sepdist_config::load_file;
+use sepdist_config::{Backend, load_file};
 use sepdist_train::{Outcome, TestHooks, TrainRequest};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ pub struct TrainArgs {
 const NAN_HOOK: &str = "SEPDIST_TEST_NAN_AT_STEPS";
 /// Stop as if by SIGTERM once this many optimizer steps are done.
 const STOP_HOOK: &str = "SEPDIST_TEST_STOP_AFTER_STEPS";
+/// `RANK:KEY=VALUE`: that rank applies one more `--set`.
+const RANK_OVERRIDE_HOOK: &str = "SEPDIST_TEST_RANK_OVERRIDE";
 
 fn hooks() -> Result<TestHooks, crate::Failure> {
     let mut hooks = TestHooks::default();
@@ -59,6 +61,38 @@ pub fn run(
     heap: &'static dyn sepdist_train::memory::HeapCounter,
 ) -> Result<u8, crate::Failure> {
     let config = load_file(&args.config, &args.overrides)?;
+    let backend = match config.distributed.backend {
+        Backend::Auto => sepdist_comm::Backend::Auto,
+        Backend::Mpi => sepdist_comm::Backend::Mpi,
+        Backend::None => sepdist_comm::Backend::None,
+        Backend::Nccl => {
+            return Err(anyhow::Error::new(sepdist_train::TrainError::Setup(
+                "distributed.backend: nccl is not available in this build (CUDA support is still to come); use auto, mpi or none".into(),
+            ))
+            .into());
+        }
+    };
+    let comm = sepdist_comm::init(
+        backend,
+        std::time::Duration::from_secs(config.distributed.timeout_s),
+    )?;
+    // Test hook: one rank loads a different config, to check that start-up agreement
+    // catches it (`RANK:KEY=VALUE`).
+    let config = match std::env::var(RANK_OVERRIDE_HOOK) {
+        Ok(spec) => {
+            let (rank, set) = spec.split_once(':').ok_or_else(|| {
+                anyhow::anyhow!("{RANK_OVERRIDE_HOOK}: expected RANK:KEY=VALUE, got `{spec}`")
+            })?;
+            if rank.trim().parse::<usize>().ok() == Some(comm.rank()) {
+                let mut overrides = args.overrides.clone();
+                overrides.push(set.to_string());
+                load_file(&args.config, &overrides)?
+            } else {
+                config
+            }
+        }
+        Err(_) => config,
+    };
     let stop = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -78,21 +112,27 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("cannot install the handler of signal {signal}: {e}"))?;
     }
     use std::io::IsTerminal;
-    let outcome = sepdist_train::train(TrainRequest {
-        config,
-        resume: args.resume,
-        init_from: args.init_from,
-        heap,
-        stop,
-        terminal: std::io::stderr().is_terminal(),
-        hooks: hooks()?,
-    })?;
+    let outcome = sepdist_train::train(
+        TrainRequest {
+            config,
+            resume: args.resume,
+            init_from: args.init_from,
+            heap,
+            stop,
+            terminal: std::io::stderr().is_terminal(),
+            hooks: hooks()?,
+        },
+        comm.as_ref(),
+    )?;
+    let rank = comm.rank();
     match outcome {
         Outcome::Finished { steps, checkpoint } => {
-            println!(
-                "finished {steps} optimizer steps; checkpoint {}",
-                checkpoint.display()
-            );
+            if rank == 0 {
+                println!(
+                    "finished {steps} optimizer steps; checkpoint {}",
+                    checkpoint.display()
+                );
+            }
             Ok(0)
         }
         Outcome::Interrupted {
@@ -100,10 +140,12 @@ pub fn run(
             step,
             checkpoint,
         } => {
-            println!(
-                "stopped by signal {signal} after step {step}; checkpoint {} (resume with --resume auto)",
-                checkpoint.display()
-            );
+            if rank == 0 {
+                println!(
+                    "stopped by signal {signal} after step {step}; checkpoint {} (resume with --resume auto)",
+                    checkpoint.display()
+                );
+            }
             Ok(if signal == signal_hook::consts::SIGTERM as usize {
                 EXIT_SIGTERM
             } else {

@@ -152,6 +152,13 @@ pub struct OptimizerShard {
     pub exp_avg_sq: Vec<f32>,
 }
 
+/// A written optimizer shard and its checksum, as one rank reports it to the committing rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub entry: ShardEntry,
+    pub sha256: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardEntry {
     pub file: String,
@@ -248,6 +255,22 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Joins a staging directory that another rank created with [`Staging::new`] (after a
+    /// barrier), to write this rank's optimizer shard into it.
+    pub fn join(parent: &Path, name: &str) -> Result<Staging> {
+        let tmp = parent.join(format!(".{name}.partial"));
+        if !tmp.is_dir() {
+            return Err(format_err(&tmp, "staging directory missing"));
+        }
+        Ok(Staging {
+            parent: parent.to_path_buf(),
+            name: name.to_string(),
+            tmp,
+            files: BTreeMap::new(),
+            shards: Vec::new(),
+        })
+    }
+
     /// Starts `parent/name`, creating `parent` if needed. A staging directory left by a
     /// crashed writer of the same name is removed.
     pub fn new(parent: &Path, name: &str) -> Result<Staging> {
@@ -283,9 +306,15 @@ impl Staging {
         self.add_file(WEIGHTS_FILE, &bytes)
     }
 
-    /// One shard of the flat optimizer state (one per rank under ZeRO).
-    pub fn write_optimizer_shard(&mut self, shard: &OptimizerShard) -> Result<()> {
-        let file = format!("optimizer-{:05}.safetensors", self.shards.len());
+    /// One shard of the flat optimizer state (one per rank under ZeRO), written as
+    /// `optimizer-{index:05}.safetensors`. Returns its record; a rank other than the one that
+    /// commits sends the record to it ([`Staging::record_shard`]).
+    pub fn write_optimizer_shard(
+        &mut self,
+        index: usize,
+        shard: &OptimizerShard,
+    ) -> Result<ShardRecord> {
+        let file = format!("optimizer-{index:05}.safetensors");
         let path = self.tmp.join(&file);
         if shard.exp_avg.len() != shard.exp_avg_sq.len() {
             return Err(format_err(&path, "moment buffers differ in length"));
@@ -298,20 +327,35 @@ impl Staging {
                 ("exp_avg_sq".into(), &[len], &shard.exp_avg_sq),
             ],
         )?;
-        self.add_file(&file, &bytes)?;
-        self.shards.push(ShardEntry {
-            file,
-            offset: shard.offset,
-            len,
-        });
-        Ok(())
+        write_synced(&path, &bytes)?;
+        let record = ShardRecord {
+            entry: ShardEntry {
+                file,
+                offset: shard.offset,
+                len,
+            },
+            sha256: sha256_hex(&bytes),
+        };
+        self.record_shard(record.clone());
+        Ok(record)
+    }
+
+    /// Lists a shard written into this staging directory by another rank.
+    pub fn record_shard(&mut self, record: ShardRecord) {
+        self.files
+            .insert(record.entry.file.clone(), record.sha256.clone());
+        if !self.shards.contains(&record.entry) {
+            self.shards.push(record.entry);
+        }
     }
 
     /// Writes `meta.json`, moves the directory into place (replacing an older checkpoint of
     /// the same name) and points `latest` at it. Returns the checkpoint's path.
     pub fn commit(self, mut meta: Meta) -> Result<PathBuf> {
         meta.files = self.files.clone();
-        meta.optimizer_shards = self.shards.clone();
+        let mut shards = self.shards.clone();
+        shards.sort_by_key(|s| s.offset);
+        meta.optimizer_shards = shards;
         let meta_path = self.tmp.join(META_FILE);
         let json =
             serde_json::to_vec_pretty(&meta).map_err(|e| format_err(&meta_path, e.to_string()))?;

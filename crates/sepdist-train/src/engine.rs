@@ -185,6 +185,11 @@ impl Engine {
         &self.separator
     }
 
+    /// Per block, the layout indices of its parameters.
+    pub fn block_param_indices(&self) -> &[Vec<usize>] {
+        &self.block_params
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -247,6 +252,19 @@ impl Engine {
         target: &Tensor,
         flat_grads: &mut [f32],
     ) -> Result<LossValues, ModelError> {
+        self.forward_backward_with(mixture, target, flat_grads, |_, _| Ok(()))
+    }
+
+    /// [`Engine::forward_backward`], calling `block_done(i, grads)` as soon as block `i`'s
+    /// parameter gradients are in `grads` (blocks finish in reverse order): the hook where data
+    /// parallelism starts reducing the buckets those blocks complete.
+    pub fn forward_backward_with<E: From<ModelError> + From<candle_core::Error>>(
+        &self,
+        mixture: &Tensor,
+        target: &Tensor,
+        flat_grads: &mut [f32],
+        mut block_done: impl FnMut(usize, &[f32]) -> Result<(), E>,
+    ) -> Result<LossValues, E> {
         let ctx = self.separator.prepare_context(mixture)?;
         let blocks = self.separator.blocks();
         let last = blocks.len() - 1;
@@ -285,6 +303,7 @@ impl Engine {
         let grads = parts.total.backward()?;
         drop((parts, estimate));
         self.accumulate(last, &grads, flat_grads)?;
+        block_done(last, flat_grads)?;
         let mut g = grads
             .get(head_in.as_tensor())
             .cloned()
@@ -304,10 +323,13 @@ impl Engine {
                     let y = blocks[i].forward(&self.params_of(i, true), arg, &ctx)?;
                     (input, y)
                 }
-                None => return Err(ModelError::Input("block bookkeeping out of step".into())),
+                None => {
+                    return Err(ModelError::Input("block bookkeeping out of step".into()).into());
+                }
             };
             let grads = (y * &g)?.sum_all()?.backward()?;
             self.accumulate(i, &grads, flat_grads)?;
+            block_done(i, flat_grads)?;
             if let Some(v) = &input {
                 g = grads
                     .get(v.as_tensor())

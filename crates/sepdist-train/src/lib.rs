@@ -2,6 +2,7 @@
 //! flat buffers: AdamW, global-norm clipping, the learning-rate schedule, and the
 //! checkpoint directory format.
 
+pub mod buckets;
 pub mod checkpoint;
 pub mod engine;
 pub mod memory;

@@ -1,14 +1,18 @@
 //! `sepdist train` for one process: data, block-wise engine, accumulation, non-finite guard,
 //! clipping, AdamW, schedule, progress, metrics, validation, checkpoints, resume, interrupt.
 
-use crate::checkpoint::{self, CheckpointError, Fingerprint, Meta, OptimizerShard, Staging};
+use crate::buckets::BucketPlan;
+use crate::checkpoint::{
+    self, CheckpointError, Fingerprint, Meta, OptimizerShard, ShardRecord, Staging,
+};
 use crate::engine::{Engine, LossValues, batch_tensors};
 use crate::memory::{HeapCounter, MemoryMeter, Phase};
 use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::progress::{MetricsWriter, Progress, StepReport};
 use crate::schedule::LrSchedule;
 use candle_core::{DType, Device, Tensor};
-use sepdist_config::{Backend, Config, Precision};
+use sepdist_comm::{CommError, Communicator, PendingReduce};
+use sepdist_config::{Config, Precision};
 use sepdist_data::{ChunkIter, DataError, Loader, Musdb, Sampler, Schedule};
 use sepdist_model::loss::SeparationLoss;
 use sepdist_model::{ModelError, Separator};
@@ -26,6 +30,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -115,12 +121,19 @@ struct StepRecord<'a> {
     mem_peak_reserved: usize,
 }
 
-struct Trainer {
+struct Trainer<'c> {
     cfg: Config,
+    comm: &'c dyn Communicator,
     engine: Engine,
+    /// AdamW state of this rank's range `shard` (the whole vector at ZeRO stage 0).
     adam: AdamW,
+    shard: std::ops::Range<usize>,
+    /// Parameters, padded to a multiple of the world size.
     flat: Vec<f32>,
     grads: Vec<f32>,
+    /// Scratch for ZeRO-2's reduce-scattered gradient shard.
+    grad_shard: Vec<f32>,
+    buckets: BucketPlan,
     fingerprint: Fingerprint,
     schedule: Schedule,
     lr: LrSchedule,
@@ -132,6 +145,15 @@ struct Trainer {
     sample_rate: u32,
 }
 
+/// Bytes every rank must agree on before training: the parameter fingerprint and the
+/// resolved config.
+fn agreement_bytes(fingerprint: &Fingerprint, cfg: &Config) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(fingerprint).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes.extend(cfg.to_yaml().bytes());
+    bytes
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
@@ -139,7 +161,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
+/// Trains with the ranks of `comm` (`sepdist_comm::init`; `Local` for one process). Every
+/// rank calls this with the same request.
+pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, TrainError> {
     let cfg = req.config.clone();
     let t = &cfg.training;
     // Settings this build cannot honour are refused, never silently replaced.
@@ -148,16 +172,24 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
             "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
         ));
     }
-    if matches!(cfg.distributed.backend, Backend::Mpi | Backend::Nccl) {
-        return Err(TrainError::Setup(format!(
-            "distributed.backend: {:?} is not available in this build (single-process training only); use auto or none",
-            cfg.distributed.backend
-        ).to_lowercase()));
+    if cfg.distributed.zero_stage >= 3 {
+        return Err(TrainError::Setup(
+            "distributed.zero_stage: 3 (parameter sharding) is not implemented yet; use 0, 1 or 2".into(),
+        ));
     }
     let device = Device::Cpu;
-    let data = Musdb::from_config(&cfg.dataset)?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    // Rank 0 generates a missing synthetic dataset; the others open it afterwards.
+    let data = if rank == 0 {
+        let data = Musdb::from_config(&cfg.dataset);
+        comm.barrier()?;
+        data?
+    } else {
+        comm.barrier()?;
+        Musdb::from_config(&cfg.dataset)?
+    };
     let sampler = Arc::new(Sampler::from_config(&data, &cfg)?);
-    let schedule = Schedule::from_config(&cfg, 1)?;
+    let schedule = Schedule::from_config(&cfg, world)?;
     let steps_per_epoch = schedule.steps_per_epoch();
     let total_steps = t.max_steps.unwrap_or(t.epochs as u64 * steps_per_epoch);
 
@@ -167,11 +199,41 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
     let engine = Engine::new(separator, loss, &init, t.gradient_checkpointing, device)?;
     drop(init);
     let fingerprint = engine.layout().fingerprint();
-    let flat = engine.flat_params()?;
+
+    // Every rank must build the same model from the same config.
+    let mine = agreement_bytes(&fingerprint, &cfg);
+    let all = comm.all_gather_bytes(&mine)?;
+    if let Some(other) = all.iter().position(|b| *b != all[0]) {
+        let what = if serde_json::to_vec(&fingerprint).ok().is_some_and(|f| !all[other].starts_with(&f)) {
+            "parameter fingerprint"
+        } else {
+            "resolved config"
+        };
+        return Err(TrainError::Setup(format!(
+            "rank {other} has a different {what} from rank 0: every rank must start from the same config (check the --set arguments and the config file on each node)"
+        )));
+    }
+
+    let mut flat = engine.flat_params()?;
     let n = flat.len();
+    let padded = n.div_ceil(world) * world;
+    flat.resize(padded, 0.0);
+    let zero_stage = cfg.distributed.zero_stage;
+    let shard = if zero_stage == 0 {
+        0..padded
+    } else {
+        let per = padded / world;
+        rank * per..(rank + 1) * per
+    };
+    let bucket_bytes = (cfg.distributed.bucket_size_mb * 1e6) as usize;
+    let buckets = BucketPlan::new(engine.layout(), engine.block_param_indices(), bucket_bytes);
+    let terminal = req.terminal && rank == 0;
     let mut trainer = Trainer {
-        adam: AdamW::new(AdamWHyper::from(&t.optimizer), n),
-        grads: vec![0.0; n],
+        adam: AdamW::new(AdamWHyper::from(&t.optimizer), shard.len()),
+        grads: vec![0.0; padded],
+        grad_shard: vec![0.0; padded / world],
+        shard,
+        buckets,
         flat,
         fingerprint,
         schedule,
@@ -179,135 +241,202 @@ pub fn train(req: TrainRequest) -> Result<Outcome, TrainError> {
         ckpt_dir: t.output_dir.join("checkpoints"),
         state: TrainerState::default(),
         meter: MemoryMeter::new(req.heap),
-        progress: Progress::new(req.terminal, t.log_every),
+        progress: Progress::new(terminal, t.log_every),
         valid: data.valid.clone(),
         sample_rate: data.sample_rate,
         engine,
+        comm,
         cfg: cfg.clone(),
     };
-    let mut step = 0;
-    if let Some(path) = &req.init_from {
-        trainer.init_from(path)?;
+    let result = trainer.run(&req.stop, &req.hooks, req.init_from.as_deref(), req.resume.as_deref(), total_steps, sampler);
+    if let Err(TrainError::Comm(e @ CommError::Timeout { .. })) = &result {
+        // A rank is gone or stuck: nothing can be agreed on any more. Say where, end the job.
+        eprintln!("error: rank {rank}: {e}; aborting the job");
+        trainer.comm.abort(1);
     }
-    if let Some(spec) = &req.resume {
-        if let Some(s) = trainer.resume(spec)? {
-            step = s;
-        }
-    }
-    let mut metrics =
-        MetricsWriter::append(&t.output_dir.join("metrics.jsonl")).map_err(io(&t.output_dir))?;
-    trainer.progress.println(&format!(
-        "training {} parameters for {} optimizer steps ({} per epoch, effective batch {}) from step {step}",
-        n,
-        total_steps,
-        steps_per_epoch,
-        trainer.schedule.global_batch()
-    ));
-    let mut loader = Loader::new(
-        sampler,
-        trainer.schedule,
-        0,
-        step,
-        Some(total_steps),
-        cfg.dataset.num_workers,
-        cfg.dataset.prefetch,
-    )?;
-    if step == 0 {
-        // The starting point, so the log shows what training gained.
-        trainer.validate(0, &mut metrics, false)?;
-    }
-    let mut last_saved = None;
-    while step < total_steps {
-        let mut signal = req.stop.load(Ordering::SeqCst);
-        if req.hooks.stop_after_steps == Some(step) {
-            signal = SIGTERM;
-        }
-        if signal != 0 {
-            let path = trainer.save(&format!("step_{step:08}"), step)?;
-            trainer.progress.finish();
-            return Ok(Outcome::Interrupted {
-                signal,
-                step,
-                checkpoint: path,
-            });
-        }
-        let started = Instant::now();
-        let record = trainer.step(step, &mut loader, &req.hooks)?;
-        step += 1;
-        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-        let samples_per_s = trainer.schedule.global_batch() as f64 / elapsed;
-        let memory = trainer.meter.snapshot();
-        let epoch = (step - 1) / steps_per_epoch;
-        trainer.progress.update(&StepReport {
-            epoch: epoch + 1,
-            step_in_epoch: (step - 1) % steps_per_epoch + 1,
-            steps_per_epoch,
-            loss: record.0.total,
-            lr: record.1,
-            memory,
-            samples_per_s,
-        });
-        metrics
-            .write(&StepRecord {
-                kind: "train",
-                step,
-                epoch: epoch + 1,
-                loss: record.0.total,
-                loss_waveform: record.0.waveform,
-                loss_multi_stft: record.0.multi_stft,
-                lr: record.1,
-                grad_norm: record.2,
-                skipped: record.3,
-                skipped_steps: trainer.state.skipped_steps,
-                samples_per_s,
-                mem_allocated: memory.allocated,
-                mem_peak_allocated: memory.peak_allocated,
-                mem_reserved: memory.reserved,
-                mem_peak_reserved: memory.peak_reserved,
-            })
-            .map_err(io(&t.output_dir))?;
-        let epoch_end = step % steps_per_epoch == 0;
-        if (t.eval_every > 0 && step % t.eval_every == 0) || epoch_end {
-            trainer.validate(step, &mut metrics, true)?;
-        }
-        if epoch_end {
-            trainer.save(&format!("checkpoint_epoch{}", epoch + 1), step)?;
-            last_saved = Some(step);
-        }
-        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 {
-            trainer.save(&format!("step_{step:08}"), step)?;
-            checkpoint::prune(&trainer.ckpt_dir, "step_", t.keep_last)?;
-            last_saved = Some(step);
-        }
-    }
-    let path = if last_saved == Some(step) {
-        trainer.ckpt_dir.join(
-            std::fs::read_to_string(trainer.ckpt_dir.join(checkpoint::LATEST_FILE))
-                .map_err(io(&trainer.ckpt_dir))?
-                .trim(),
-        )
-    } else {
-        trainer.save(&format!("step_{step:08}"), step)?
-    };
-    trainer.progress.finish();
-    Ok(Outcome::Finished {
-        steps: step,
-        checkpoint: path,
-    })
+    result
 }
 
-impl Trainer {
-    /// One optimizer step: returns (losses, lr, grad norm, skipped).
+impl Trainer<'_> {
+    fn rank0(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    fn say(&self, line: &str) {
+        if self.rank0() {
+            self.progress.println(line);
+        }
+    }
+
+    fn run(
+        &mut self,
+        stop: &AtomicUsize,
+        hooks: &TestHooks,
+        init_from: Option<&Path>,
+        resume: Option<&str>,
+        total_steps: u64,
+        sampler: Arc<Sampler>,
+    ) -> Result<Outcome, TrainError> {
+        let cfg = self.cfg.clone();
+        let t = &cfg.training;
+        let steps_per_epoch = self.schedule.steps_per_epoch();
+        let n = self.engine.layout().len;
+        let mut step = 0;
+        if let Some(path) = init_from {
+            self.init_from(path)?;
+        }
+        if let Some(spec) = resume {
+            if let Some(s) = self.resume(spec)? {
+                step = s;
+            }
+        }
+        let mut metrics = if self.rank0() {
+            Some(
+                MetricsWriter::append(&t.output_dir.join("metrics.jsonl"))
+                    .map_err(io(&t.output_dir))?,
+            )
+        } else {
+            None
+        };
+        self.say(&format!(
+            "training {n} parameters for {total_steps} optimizer steps ({steps_per_epoch} per epoch, effective batch {} = {} × {} × {} ranks) from step {step}",
+            self.schedule.global_batch(),
+            t.batch_size,
+            t.gradient_accumulation_steps,
+            self.comm.world_size()
+        ));
+        let mut loader = Loader::new(
+            sampler,
+            self.schedule,
+            self.comm.rank(),
+            step,
+            Some(total_steps),
+            cfg.dataset.num_workers,
+            cfg.dataset.prefetch,
+        )?;
+        if step == 0 {
+            // The starting point, so the log shows what training gained.
+            self.validate(0, metrics.as_mut(), false)?;
+        }
+        let mut last_saved = None;
+        while step < total_steps {
+            // The hook stops exactly after `stop_after_steps` steps: its flag joins the
+            // reduction of the step that completes them.
+            let local_signal = if hooks.stop_after_steps == Some(step + 1) {
+                SIGTERM
+            } else {
+                stop.load(Ordering::SeqCst)
+            };
+            let started = Instant::now();
+            let record = self.step(step, &mut loader, hooks, local_signal)?;
+            step += 1;
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            let samples_per_s = self.schedule.global_batch() as f64 / elapsed;
+            let memory = self.meter.snapshot();
+            let epoch = (step - 1) / steps_per_epoch;
+            if let Some(metrics) = metrics.as_mut() {
+                self.progress.update(&StepReport {
+                    epoch: epoch + 1,
+                    step_in_epoch: (step - 1) % steps_per_epoch + 1,
+                    steps_per_epoch,
+                    loss: record.losses.total,
+                    lr: record.lr,
+                    memory,
+                    samples_per_s,
+                });
+                metrics
+                    .write(&StepRecord {
+                        kind: "train",
+                        step,
+                        epoch: epoch + 1,
+                        loss: record.losses.total,
+                        loss_waveform: record.losses.waveform,
+                        loss_multi_stft: record.losses.multi_stft,
+                        lr: record.lr,
+                        grad_norm: record.grad_norm,
+                        skipped: record.skipped,
+                        skipped_steps: self.state.skipped_steps,
+                        samples_per_s,
+                        mem_allocated: memory.allocated,
+                        mem_peak_allocated: memory.peak_allocated,
+                        mem_reserved: memory.reserved,
+                        mem_peak_reserved: memory.peak_reserved,
+                    })
+                    .map_err(io(&t.output_dir))?;
+            }
+            if record.signal != 0 {
+                // Every rank saw the same reduced flag: all stop at this boundary.
+                let path = self.save(&format!("step_{step:08}"), step)?;
+                self.progress.finish();
+                return Ok(Outcome::Interrupted {
+                    signal: record.signal,
+                    step,
+                    checkpoint: path,
+                });
+            }
+            let epoch_end = step % steps_per_epoch == 0;
+            if (t.eval_every > 0 && step % t.eval_every == 0) || epoch_end {
+                self.validate(step, metrics.as_mut(), true)?;
+            }
+            if epoch_end {
+                self.save(&format!("checkpoint_epoch{}", epoch + 1), step)?;
+                last_saved = Some(step);
+            }
+            if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 {
+                self.save(&format!("step_{step:08}"), step)?;
+                if self.rank0() {
+                    checkpoint::prune(&self.ckpt_dir, "step_", t.keep_last)?;
+                }
+                last_saved = Some(step);
+            }
+        }
+        let path = if last_saved == Some(step) {
+            self.ckpt_dir.join(
+                std::fs::read_to_string(self.ckpt_dir.join(checkpoint::LATEST_FILE))
+                    .map_err(io(&self.ckpt_dir))?
+                    .trim(),
+            )
+        } else {
+            self.save(&format!("step_{step:08}"), step)?
+        };
+        self.progress.finish();
+        Ok(Outcome::Finished {
+            steps: step,
+            checkpoint: path,
+        })
+    }
+}
+
+/// What one optimizer step reports (identical on every rank).
+struct StepOutcome {
+    losses: LossValues,
+    lr: f64,
+    grad_norm: f64,
+    skipped: bool,
+    /// A stop signal seen by any rank (0: none).
+    signal: usize,
+}
+
+impl Trainer<'_> {
+    /// One optimizer step over the accumulation window. Gradients are reduced only on the
+    /// window's last micro-batch: with ZeRO 0/1, each bucket's all-reduce starts as soon as
+    /// the blocks it covers have finished their backward, overlapping the backward of the
+    /// earlier blocks; with ZeRO 2, one reduce-scatter into this rank's shard.
     fn step(
         &mut self,
         step: u64,
         loader: &mut Loader,
         hooks: &TestHooks,
-    ) -> Result<(LossValues, f64, f64, bool), TrainError> {
+        local_signal: usize,
+    ) -> Result<StepOutcome, TrainError> {
         let accumulation = self.cfg.training.gradient_accumulation_steps;
+        let world = self.comm.world_size();
+        let zero_stage = self.cfg.distributed.zero_stage;
         self.grads.fill(0.0);
         let mut losses = LossValues::default();
-        for _ in 0..accumulation {
+        let blocks = self.engine.separator().blocks().len();
+        let mut pending: Vec<(usize, Box<dyn PendingReduce>)> = Vec::new();
+        for micro in 0..accumulation {
             let batch = self
                 .meter
                 .phase(Phase::Data, || loader.next())
@@ -315,27 +444,87 @@ impl Trainer {
                     TrainError::Setup(format!("the data loader ended before step {step}"))
                 })??;
             let (mixture, stems) = batch_tensors(&batch, self.engine.device())?;
+            let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
+            let mut done = vec![false; blocks];
+            let (engine, comm, plan) = (&self.engine, self.comm, &self.buckets);
             let values = self.meter.phase(Phase::Backward, || {
-                self.engine
-                    .forward_backward(&mixture, &stems, &mut self.grads)
+                engine.forward_backward_with(
+                    &mixture,
+                    &stems,
+                    &mut self.grads,
+                    |block, grads: &[f32]| -> Result<(), TrainError> {
+                        if bucketed {
+                            done[block] = true;
+                            for b in plan.ready_after(block, &done) {
+                                let range = plan.buckets[b].range.clone();
+                                pending.push((b, comm.start_all_reduce_sum(grads[range].to_vec())?));
+                            }
+                        }
+                        Ok(())
+                    },
+                )
             })?;
             losses.add(values, 1.0 / accumulation as f64);
         }
-        // k micro-batches of mean losses equal one k-times larger batch after dividing by k.
-        let scale = 1.0 / accumulation as f32;
-        self.grads.iter_mut().for_each(|g| *g *= scale);
+        self.meter.phase(Phase::Communication, || -> Result<(), TrainError> {
+            for (b, reduce) in pending.drain(..) {
+                let summed = reduce.wait()?;
+                let range = self.buckets.buckets[b].range.clone();
+                self.grads[range].copy_from_slice(&summed);
+            }
+            if world > 1 && zero_stage >= 2 {
+                self.comm.reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
+                let shard = self.shard.clone();
+                self.grads[shard].copy_from_slice(&self.grad_shard);
+            }
+            Ok(())
+        })?;
+        // Mean over the window and the ranks: k micro-batches of size b on W ranks equal one
+        // batch of k·b·W.
+        let scale = 1.0 / (accumulation * world) as f32;
+        let shard = self.shard.clone();
+        self.grads[shard.clone()].iter_mut().for_each(|g| *g *= scale);
         if hooks.nan_at_steps.contains(&step) {
             losses.total = f64::NAN;
-            if let Some(g) = self.grads.first_mut() {
+            if let Some(g) = self.grads[shard.clone()].first_mut() {
                 *g = f32::NAN;
             }
         }
-        let norm = sum_of_squares(&self.grads).sqrt();
+        // One scalar all-reduce decides for every rank: mean losses, global norm, stop flag.
+        // At ZeRO 0 every rank holds the whole reduced gradient, so only rank 0 contributes
+        // the norm partial.
+        let norm_partial = if zero_stage == 0 && self.comm.rank() != 0 {
+            0.0
+        } else {
+            sum_of_squares(&self.grads[shard.clone()])
+        };
+        let mut scalars = [
+            losses.total,
+            losses.waveform,
+            losses.multi_stft,
+            norm_partial,
+            local_signal as f64,
+        ];
+        self.comm.all_reduce_sum_f64(&mut scalars)?;
+        let w = world as f64;
+        let losses = LossValues {
+            total: scalars[0] / w,
+            waveform: scalars[1] / w,
+            multi_stft: scalars[2] / w,
+        };
+        let norm = scalars[3].sqrt();
+        let signal = if scalars[4] > 0.0 {
+            // Several ranks may report signals; the first rank's own, else SIGTERM.
+            if local_signal != 0 { local_signal } else { SIGTERM }
+        } else {
+            0
+        };
         let lr = self.lr.lr(step);
+        self.state.samples_seen += self.schedule.global_batch();
         if !(losses.total.is_finite() && norm.is_finite()) {
             self.state.skipped_steps += 1;
             self.state.consecutive_skips += 1;
-            self.progress.println(&format!(
+            self.say(&format!(
                 "step {}: non-finite loss or gradient, step skipped ({} consecutive, {} in all)",
                 step + 1,
                 self.state.consecutive_skips,
@@ -347,28 +536,44 @@ impl Trainer {
                     consecutive: self.state.consecutive_skips,
                 });
             }
-            self.state.samples_seen += self.schedule.global_batch();
-            return Ok((losses, lr, norm, true));
+            return Ok(StepOutcome {
+                losses,
+                lr,
+                grad_norm: norm,
+                skipped: true,
+                signal,
+            });
         }
         self.state.consecutive_skips = 0;
         let clip = clip_scale(norm, self.cfg.training.grad_clip) as f32;
         if clip < 1.0 {
-            self.grads.iter_mut().for_each(|g| *g *= clip);
+            self.grads[shard.clone()].iter_mut().for_each(|g| *g *= clip);
         }
-        self.meter.phase(Phase::Optimizer, || {
-            self.adam.update(&mut self.flat, &self.grads, lr);
-            self.engine.load_flat(&self.flat)
+        self.meter.phase(Phase::Optimizer, || -> Result<(), TrainError> {
+            self.adam
+                .update(&mut self.flat[shard.clone()], &self.grads[shard.clone()], lr);
+            if zero_stage >= 1 && world > 1 {
+                let mine = self.flat[shard.clone()].to_vec();
+                self.comm.all_gather(&mine, &mut self.flat)?;
+            }
+            self.engine.load_flat(&self.flat)?;
+            Ok(())
         })?;
-        self.state.samples_seen += self.schedule.global_batch();
-        Ok((losses, lr, norm, false))
+        Ok(StepOutcome {
+            losses,
+            lr,
+            grad_norm: norm,
+            skipped: false,
+            signal,
+        })
     }
 
-    /// Mean loss over the validation tracks in segment-length chunks; with `keep_best`,
-    /// saves `best_model` when it improves.
+    /// Mean loss over the validation tracks in segment-length chunks, chunks dealt to the
+    /// ranks round-robin; with `keep_best`, saves `best_model` when it improves.
     fn validate(
         &mut self,
         step: u64,
-        metrics: &mut MetricsWriter,
+        metrics: Option<&mut MetricsWriter>,
         keep_best: bool,
     ) -> Result<(), TrainError> {
         if self.valid.is_empty() {
@@ -379,47 +584,58 @@ impl Trainer {
             self.sample_rate,
             self.cfg.dataset.segment_length,
         )?;
-        let mut sum = LossValues::default();
-        let mut count = 0usize;
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let mut sums = [0.0f64; 4];
         let engine = &self.engine;
         self.meter
             .phase(Phase::Validation, || -> Result<(), TrainError> {
-                for chunk in chunks {
+                for (i, chunk) in chunks.enumerate() {
+                    if i % world != rank {
+                        continue;
+                    }
                     let chunk = chunk?;
                     let n = chunk.frames;
                     let mixture = Tensor::from_slice(&chunk.mixture, (1, 2, n), engine.device())?;
                     let s = chunk.stems.len() / (2 * n);
                     let stems = Tensor::from_slice(&chunk.stems, (1, s, 2, n), engine.device())?;
-                    sum.add(engine.evaluate(&mixture, &stems)?, 1.0);
-                    count += 1;
+                    let v = engine.evaluate(&mixture, &stems)?;
+                    sums[0] += v.total;
+                    sums[1] += v.waveform;
+                    sums[2] += v.multi_stft;
+                    sums[3] += 1.0;
                 }
                 Ok(())
             })?;
+        self.comm.all_reduce_sum_f64(&mut sums)?;
+        let count = sums[3].max(1.0);
         let mean = LossValues {
-            total: sum.total / count.max(1) as f64,
-            waveform: sum.waveform / count.max(1) as f64,
-            multi_stft: sum.multi_stft / count.max(1) as f64,
+            total: sums[0] / count,
+            waveform: sums[1] / count,
+            multi_stft: sums[2] / count,
         };
         let improved = keep_best
             && self
                 .state
                 .best_validation
                 .is_none_or(|best| mean.total < best);
-        self.progress.println(&format!(
-            "step {step}: validation loss {:.4} over {count} chunks{}",
+        self.say(&format!(
+            "step {step}: validation loss {:.4} over {} chunks{}",
             mean.total,
+            sums[3] as u64,
             if improved { " (best so far)" } else { "" }
         ));
-        metrics
-            .write(&serde_json::json!({
-                "kind": "validation",
-                "step": step,
-                "loss": mean.total,
-                "loss_waveform": mean.waveform,
-                "loss_multi_stft": mean.multi_stft,
-                "chunks": count,
-            }))
-            .map_err(io(&self.cfg.training.output_dir))?;
+        if let Some(metrics) = metrics {
+            metrics
+                .write(&serde_json::json!({
+                    "kind": "validation",
+                    "step": step,
+                    "loss": mean.total,
+                    "loss_waveform": mean.waveform,
+                    "loss_multi_stft": mean.multi_stft,
+                    "chunks": sums[3] as u64,
+                }))
+                .map_err(io(&self.cfg.training.output_dir))?;
+        }
         if improved {
             self.state.best_validation = Some(mean.total);
             self.save("best_model", step)?;
@@ -427,38 +643,81 @@ impl Trainer {
         Ok(())
     }
 
+    /// Writes checkpoint `name` with every rank: rank 0 stages the directory and writes the
+    /// weights; each rank holding optimizer state writes its shard; rank 0 commits once it
+    /// has every shard's record.
     fn save(&mut self, name: &str, step: u64) -> Result<PathBuf, TrainError> {
         let steps_per_epoch = self.schedule.steps_per_epoch();
-        let meter = &self.meter;
-        let (flat, adam, layout) = (&self.flat, &self.adam, self.engine.layout());
+        let rank0 = self.rank0();
+        let sharded = self.cfg.distributed.zero_stage >= 1 && self.comm.world_size() > 1;
+        let n = self.engine.layout().len;
         let mut meta = Meta::new(step, step / steps_per_epoch, self.fingerprint.clone());
-        meta.optimizer_updates = adam.step;
+        meta.optimizer_updates = self.adam.step;
+        meta.world_size = self.comm.world_size();
+        meta.zero_stage = self.cfg.distributed.zero_stage;
         meta.config_yaml = self.cfg.to_yaml();
         meta.trainer = serde_json::to_value(&self.state)
             .map_err(|e| TrainError::Setup(format!("cannot record trainer state: {e}")))?;
-        let path = meter.phase(Phase::Checkpoint, || -> Result<PathBuf, TrainError> {
-            let mut staging = Staging::new(&self.ckpt_dir, name)?;
-            staging.write_weights(&layout.unflatten(flat))?;
-            staging.write_optimizer_shard(&OptimizerShard {
-                offset: 0,
-                exp_avg: adam.exp_avg.clone(),
-                exp_avg_sq: adam.exp_avg_sq.clone(),
+        let path = self.ckpt_dir.join(name);
+        self.meter
+            .phase(Phase::Checkpoint, || -> Result<(), TrainError> {
+                let mut staging = if rank0 {
+                    let staging = Staging::new(&self.ckpt_dir, name);
+                    self.comm.barrier()?;
+                    staging?
+                } else {
+                    self.comm.barrier()?;
+                    Staging::join(&self.ckpt_dir, name)?
+                };
+                // Only the real parameters are saved; the padding is not state.
+                let end = self.shard.end.min(n);
+                let start = self.shard.start.min(end);
+                let writes_shard = rank0 || sharded;
+                let record = if writes_shard {
+                    let shard = OptimizerShard {
+                        offset: start,
+                        exp_avg: self.adam.exp_avg[..end - start].to_vec(),
+                        exp_avg_sq: self.adam.exp_avg_sq[..end - start].to_vec(),
+                    };
+                    Some(staging.write_optimizer_shard(self.comm.rank(), &shard)?)
+                } else {
+                    None
+                };
+                let bytes = serde_json::to_vec(&record).map_err(|e| {
+                    TrainError::Setup(format!("cannot encode a shard record: {e}"))
+                })?;
+                let records = self.comm.all_gather_bytes(&bytes)?;
+                if rank0 {
+                    staging.write_weights(&self.engine.layout().unflatten(&self.flat))?;
+                    for bytes in records {
+                        let record: Option<ShardRecord> = serde_json::from_slice(&bytes)
+                            .map_err(|e| {
+                                TrainError::Setup(format!("a rank sent a bad shard record: {e}"))
+                            })?;
+                        if let Some(record) = record {
+                            staging.record_shard(record);
+                        }
+                    }
+                    staging.commit(meta)?;
+                }
+                // Nobody reads or prunes checkpoints before the commit is complete.
+                self.comm.barrier()?;
+                Ok(())
             })?;
-            Ok(staging.commit(meta)?)
-        })?;
-        self.progress
-            .println(&format!("saved checkpoint {}", path.display()));
+        self.say(&format!("saved checkpoint {}", path.display()));
         Ok(path)
     }
 
-    /// Restores everything from a checkpoint; `None` when `auto` finds none to resume.
+    /// Restores everything from a checkpoint written with any world size and ZeRO stage:
+    /// this rank reads its range of the flat optimizer state from whatever shards exist.
+    /// `None` when `auto` finds none to resume.
     fn resume(&mut self, spec: &str) -> Result<Option<u64>, TrainError> {
         let loaded = match checkpoint::resolve(&self.ckpt_dir, spec, Some(&self.fingerprint)) {
             Ok(l) => l,
             Err(CheckpointError::NoneValid { rejected, .. })
                 if spec == "auto" && rejected.is_empty() =>
             {
-                self.progress.println(&format!(
+                self.say(&format!(
                     "no checkpoint in {} to resume: starting from scratch",
                     self.ckpt_dir.display()
                 ));
@@ -466,11 +725,11 @@ impl Trainer {
             }
             Err(e) => return Err(e.into()),
         };
-        let layout = self.engine.layout();
+        let layout = self.engine.layout().clone();
         for (i, (_, tensor)) in loaded.weights.iter().enumerate() {
             self.flat[layout.range(i)].copy_from_slice(&tensor.data);
         }
-        let (m, v) = loaded.optimizer_range(0, self.flat.len())?;
+        let (m, v) = loaded.optimizer_range(self.shard.start, self.shard.len())?;
         self.adam.exp_avg = m;
         self.adam.exp_avg_sq = v;
         self.adam.step = loaded.meta.optimizer_updates;
@@ -481,10 +740,12 @@ impl Trainer {
             ))
         })?;
         self.engine.load_flat(&self.flat)?;
-        self.progress.println(&format!(
-            "resumed from {} at step {}",
+        self.say(&format!(
+            "resumed from {} at step {} (written by {} rank(s) at ZeRO stage {})",
             loaded.path.display(),
-            loaded.meta.step
+            loaded.meta.step,
+            loaded.meta.world_size,
+            loaded.meta.zero_stage
         ));
         Ok(Some(loaded.meta.step))
     }
@@ -509,13 +770,13 @@ impl Trainer {
             }
         }
         self.engine.load_flat(&self.flat)?;
-        self.progress.println(&format!(
+        self.say(&format!(
             "initialised {loaded_count} of {} parameters from {}",
             layout.specs.len(),
             path.display()
         ));
         if !not_loaded.is_empty() {
-            self.progress.println(&format!(
+            self.say(&format!(
                 "not loaded (kept their fresh initialisation):\n{}",
                 not_loaded.join("\n")
             ));

@@ -45,11 +45,14 @@ fn save(parent: &Path, name: &str, step: u64, shards: usize) -> std::path::PathB
     for k in 0..shards {
         let range = (k * per).min(n)..((k + 1) * per).min(n);
         staging
-            .write_optimizer_shard(&OptimizerShard {
-                offset: range.start,
-                exp_avg: m[range.clone()].to_vec(),
-                exp_avg_sq: v[range].to_vec(),
-            })
+            .write_optimizer_shard(
+                k,
+                &OptimizerShard {
+                    offset: range.start,
+                    exp_avg: m[range.clone()].to_vec(),
+                    exp_avg_sq: v[range].to_vec(),
+                },
+            )
             .unwrap();
     }
     let mut meta = Meta::new(step, 0, fp);
