@@ -35,7 +35,16 @@ fn data_root() -> PathBuf {
         let out = Command::new(env!("CARGO_BIN_EXE_sepdist"))
             .args(["data", "synth", "--out"])
             .arg(&dir)
-            .args(["--tracks", "4", "--seconds", "1", "--seed", "5", "--sample-rate", "8000"])
+            .args([
+                "--tracks",
+                "4",
+                "--seconds",
+                "1",
+                "--seed",
+                "5",
+                "--sample-rate",
+                "8000",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -57,7 +66,12 @@ fn train_command(ranks: usize, out: &Path, sets: &[&str]) -> Command {
         .arg(format!("training.output_dir={}", out.display()))
         .arg("--set")
         .arg(format!("dataset.root={}", data_root().display()))
-        .args(["--set", "dataset.format=wav", "--set", "distributed.backend=mpi"]);
+        .args([
+            "--set",
+            "dataset.format=wav",
+            "--set",
+            "distributed.backend=mpi",
+        ]);
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -133,7 +147,10 @@ fn ranks_1_2_4_equal_on_the_same_global_batch_for_zero_0_1_2() {
                 ],
             );
             let d = rel_diff(&base, &weights(&out.join("checkpoints/step_00000005")));
-            assert!(d <= 1e-5, "ZeRO {zero} on {ranks} ranks: relative difference {d}");
+            assert!(
+                d <= 1e-5,
+                "ZeRO {zero} on {ranks} ranks: relative difference {d}"
+            );
         }
     }
 }
@@ -142,12 +159,24 @@ fn ranks_1_2_4_equal_on_the_same_global_batch_for_zero_0_1_2() {
 fn a_four_rank_checkpoint_resumes_on_two_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
-    train(4, &whole, &["training.batch_size=1", "training.max_steps=6", "distributed.zero_stage=1"]);
+    train(
+        4,
+        &whole,
+        &[
+            "training.batch_size=1",
+            "training.max_steps=6",
+            "distributed.zero_stage=1",
+        ],
+    );
     let split = dir.path().join("split");
     let first = train_command(
         4,
         &split,
-        &["training.batch_size=1", "training.max_steps=6", "distributed.zero_stage=1"],
+        &[
+            "training.batch_size=1",
+            "training.max_steps=6",
+            "distributed.zero_stage=1",
+        ],
     )
     .env("SEPDIST_TEST_STOP_AFTER_STEPS", "3")
     .output()
@@ -211,13 +240,22 @@ fn killing_one_rank_ends_the_job_within_the_deadline_and_the_checkpoint_loads() 
     let latest = out.join("checkpoints/latest");
     let start = Instant::now();
     while !latest.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint written");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint written"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The rank processes are the children of mpirun running the sepdist binary with this
     // run's unique output directory.
     let pattern = format!("training.output_dir={}", out.display());
-    let pids = text(&Command::new("pgrep").args(["-f", &pattern]).output().unwrap().stdout);
+    let pids = text(
+        &Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .unwrap()
+            .stdout,
+    );
     let victim = pids
         .lines()
         .filter(|p| p.trim().parse::<u32>().ok() != Some(child.id()))
@@ -226,7 +264,13 @@ fn killing_one_rank_ends_the_job_within_the_deadline_and_the_checkpoint_loads() 
         .trim()
         .to_string();
     let killed = Instant::now();
-    assert!(Command::new("kill").args(["-KILL", &victim]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &victim])
+            .status()
+            .unwrap()
+            .success()
+    );
     while child.try_wait().unwrap().is_none() {
         assert!(
             killed.elapsed() < Duration::from_secs(timeout_s + 10),
@@ -244,7 +288,12 @@ fn killing_one_rank_ends_the_job_within_the_deadline_and_the_checkpoint_loads() 
         .arg(format!("training.output_dir={}", out.display()))
         .arg("--set")
         .arg(format!("dataset.root={}", data_root().display()))
-        .args(["--set", "dataset.format=wav", "--set", "training.max_steps=1"])
+        .args([
+            "--set",
+            "dataset.format=wav",
+            "--set",
+            "training.max_steps=1",
+        ])
         .output()
         .unwrap();
     let err = text(&resumed.stderr);

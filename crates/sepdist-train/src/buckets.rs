@@ -73,9 +73,7 @@ impl BucketPlan {
         self.blocks_of_bucket
             .iter()
             .enumerate()
-            .filter(|(_, blocks)| {
-                blocks.contains(&newly_done) && blocks.iter().all(|&b| done[b])
-            })
+            .filter(|(_, blocks)| blocks.contains(&newly_done) && blocks.iter().all(|&b| done[b]))
             .map(|(i, _)| i)
             .collect()
     }

@@ -174,7 +174,8 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     }
     if cfg.distributed.zero_stage >= 3 {
         return Err(TrainError::Setup(
-            "distributed.zero_stage: 3 (parameter sharding) is not implemented yet; use 0, 1 or 2".into(),
+            "distributed.zero_stage: 3 (parameter sharding) is not implemented yet; use 0, 1 or 2"
+                .into(),
         ));
     }
     let device = Device::Cpu;
@@ -204,7 +205,10 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     let mine = agreement_bytes(&fingerprint, &cfg);
     let all = comm.all_gather_bytes(&mine)?;
     if let Some(other) = all.iter().position(|b| *b != all[0]) {
-        let what = if serde_json::to_vec(&fingerprint).ok().is_some_and(|f| !all[other].starts_with(&f)) {
+        let what = if serde_json::to_vec(&fingerprint)
+            .ok()
+            .is_some_and(|f| !all[other].starts_with(&f))
+        {
             "parameter fingerprint"
         } else {
             "resolved config"
@@ -248,7 +252,14 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         comm,
         cfg: cfg.clone(),
     };
-    let result = trainer.run(&req.stop, &req.hooks, req.init_from.as_deref(), req.resume.as_deref(), total_steps, sampler);
+    let result = trainer.run(
+        &req.stop,
+        &req.hooks,
+        req.init_from.as_deref(),
+        req.resume.as_deref(),
+        total_steps,
+        sampler,
+    );
     if let Err(TrainError::Comm(e @ CommError::Timeout { .. })) = &result {
         // A rank is gone or stuck: nothing can be agreed on any more. Say where, end the job.
         eprintln!("error: rank {rank}: {e}; aborting the job");
@@ -457,7 +468,8 @@ impl Trainer<'_> {
                             done[block] = true;
                             for b in plan.ready_after(block, &done) {
                                 let range = plan.buckets[b].range.clone();
-                                pending.push((b, comm.start_all_reduce_sum(grads[range].to_vec())?));
+                                pending
+                                    .push((b, comm.start_all_reduce_sum(grads[range].to_vec())?));
                             }
                         }
                         Ok(())
@@ -466,24 +478,28 @@ impl Trainer<'_> {
             })?;
             losses.add(values, 1.0 / accumulation as f64);
         }
-        self.meter.phase(Phase::Communication, || -> Result<(), TrainError> {
-            for (b, reduce) in pending.drain(..) {
-                let summed = reduce.wait()?;
-                let range = self.buckets.buckets[b].range.clone();
-                self.grads[range].copy_from_slice(&summed);
-            }
-            if world > 1 && zero_stage >= 2 {
-                self.comm.reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
-                let shard = self.shard.clone();
-                self.grads[shard].copy_from_slice(&self.grad_shard);
-            }
-            Ok(())
-        })?;
+        self.meter
+            .phase(Phase::Communication, || -> Result<(), TrainError> {
+                for (b, reduce) in pending.drain(..) {
+                    let summed = reduce.wait()?;
+                    let range = self.buckets.buckets[b].range.clone();
+                    self.grads[range].copy_from_slice(&summed);
+                }
+                if world > 1 && zero_stage >= 2 {
+                    self.comm
+                        .reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
+                    let shard = self.shard.clone();
+                    self.grads[shard].copy_from_slice(&self.grad_shard);
+                }
+                Ok(())
+            })?;
         // Mean over the window and the ranks: k micro-batches of size b on W ranks equal one
         // batch of k·b·W.
         let scale = 1.0 / (accumulation * world) as f32;
         let shard = self.shard.clone();
-        self.grads[shard.clone()].iter_mut().for_each(|g| *g *= scale);
+        self.grads[shard.clone()]
+            .iter_mut()
+            .for_each(|g| *g *= scale);
         if hooks.nan_at_steps.contains(&step) {
             losses.total = f64::NAN;
             if let Some(g) = self.grads[shard.clone()].first_mut() {
@@ -515,7 +531,11 @@ impl Trainer<'_> {
         let norm = scalars[3].sqrt();
         let signal = if scalars[4] > 0.0 {
             // Several ranks may report signals; the first rank's own, else SIGTERM.
-            if local_signal != 0 { local_signal } else { SIGTERM }
+            if local_signal != 0 {
+                local_signal
+            } else {
+                SIGTERM
+            }
         } else {
             0
         };
@@ -547,18 +567,24 @@ impl Trainer<'_> {
         self.state.consecutive_skips = 0;
         let clip = clip_scale(norm, self.cfg.training.grad_clip) as f32;
         if clip < 1.0 {
-            self.grads[shard.clone()].iter_mut().for_each(|g| *g *= clip);
+            self.grads[shard.clone()]
+                .iter_mut()
+                .for_each(|g| *g *= clip);
         }
-        self.meter.phase(Phase::Optimizer, || -> Result<(), TrainError> {
-            self.adam
-                .update(&mut self.flat[shard.clone()], &self.grads[shard.clone()], lr);
-            if zero_stage >= 1 && world > 1 {
-                let mine = self.flat[shard.clone()].to_vec();
-                self.comm.all_gather(&mine, &mut self.flat)?;
-            }
-            self.engine.load_flat(&self.flat)?;
-            Ok(())
-        })?;
+        self.meter
+            .phase(Phase::Optimizer, || -> Result<(), TrainError> {
+                self.adam.update(
+                    &mut self.flat[shard.clone()],
+                    &self.grads[shard.clone()],
+                    lr,
+                );
+                if zero_stage >= 1 && world > 1 {
+                    let mine = self.flat[shard.clone()].to_vec();
+                    self.comm.all_gather(&mine, &mut self.flat)?;
+                }
+                self.engine.load_flat(&self.flat)?;
+                Ok(())
+            })?;
         Ok(StepOutcome {
             losses,
             lr,
@@ -683,15 +709,14 @@ impl Trainer<'_> {
                 } else {
                     None
                 };
-                let bytes = serde_json::to_vec(&record).map_err(|e| {
-                    TrainError::Setup(format!("cannot encode a shard record: {e}"))
-                })?;
+                let bytes = serde_json::to_vec(&record)
+                    .map_err(|e| TrainError::Setup(format!("cannot encode a shard record: {e}")))?;
                 let records = self.comm.all_gather_bytes(&bytes)?;
                 if rank0 {
                     staging.write_weights(&self.engine.layout().unflatten(&self.flat))?;
                     for bytes in records {
-                        let record: Option<ShardRecord> = serde_json::from_slice(&bytes)
-                            .map_err(|e| {
+                        let record: Option<ShardRecord> =
+                            serde_json::from_slice(&bytes).map_err(|e| {
                                 TrainError::Setup(format!("a rank sent a bad shard record: {e}"))
                             })?;
                         if let Some(record) = record {
