@@ -465,6 +465,11 @@ impl Trainer<'_> {
                     &mut self.grads,
                     |block, grads: &[f32]| -> Result<(), TrainError> {
                         if bucketed {
+                            // MPI advances non-blocking collectives only inside MPI calls:
+                            // poll the reductions in flight between blocks.
+                            for (_, reduce) in pending.iter_mut() {
+                                reduce.poll()?;
+                            }
                             done[block] = true;
                             for b in plan.ready_after(block, &done) {
                                 let range = plan.buckets[b].range.clone();
