@@ -258,8 +258,7 @@ fn killing_one_rank_ends_the_job_within_the_deadline_and_the_checkpoint_loads() 
     );
     let victim = pids
         .lines()
-        .filter(|p| p.trim().parse::<u32>().ok() != Some(child.id()))
-        .last()
+        .rfind(|p| p.trim().parse::<u32>().ok() != Some(child.id()))
         .expect("a rank process")
         .trim()
         .to_string();

@@ -110,7 +110,7 @@ fn run(world: usize, cfg: Config, resume: Option<&str>) -> (Outcome, Vec<sepdist
         .collect();
     let mut results: Vec<(Outcome, sepdist_comm::CommStats)> =
         handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let stats = results.iter().map(|r| r.1.clone()).collect();
+    let stats = results.iter().map(|r| r.1).collect();
     (results.swap_remove(0).0, stats)
 }
 
@@ -247,8 +247,10 @@ fn checkpoints_reshard_across_world_sizes_and_zero_stages() {
             ]),
         );
         // Stop after step 3 as a signal would, on every rank.
-        let mut req_hooks = TestHooks::default();
-        req_hooks.stop_after_steps = Some(3);
+        let req_hooks = TestHooks {
+            stop_after_steps: Some(3),
+            ..TestHooks::default()
+        };
         let comms = Threads::new(w1, Duration::from_secs(60));
         let handles: Vec<_> = comms
             .into_iter()
