@@ -3,6 +3,7 @@
 
 mod config_cmd;
 mod data_cmd;
+mod eval_cmd;
 mod train_cmd;
 
 pub use train_cmd::{EXIT_SIGINT, EXIT_SIGTERM};
@@ -44,6 +45,10 @@ pub enum Command {
     /// Generate the synthetic dataset or check a dataset folder.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Separate songs (WAV, FLAC, MP3, M4A) into one WAV per source with a checkpoint.
+    Separate(eval_cmd::SeparateArgs),
+    /// Score separations in uSDR and museval's cSDR (a checkpoint on a split, or estimates).
+    Eval(eval_cmd::EvalArgs),
 }
 
 /// An error with the exit code it ends the process with.
@@ -76,6 +81,8 @@ pub fn run(cli: Cli, heap: &'static dyn sepdist_train::memory::HeapCounter) -> R
         (Some(Command::Train(args)), _) | (None, Some(args)) => train_cmd::run(args, heap),
         (Some(Command::Config(cmd)), _) => config_cmd::run(cmd),
         (Some(Command::Data(cmd)), _) => data_cmd::run(cmd),
+        (Some(Command::Separate(args)), _) => eval_cmd::run_separate(args),
+        (Some(Command::Eval(args)), _) => eval_cmd::run_eval(args),
         (None, None) => Err(Failure {
             code: EXIT_USAGE,
             error: anyhow::anyhow!(

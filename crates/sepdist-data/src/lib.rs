@@ -11,6 +11,7 @@
 //! and resuming needs only the step counter.
 
 pub mod check;
+pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod loader;

@@ -11,6 +11,7 @@ pub mod bands;
 pub mod error;
 pub mod flops;
 pub mod loss;
+pub mod metrics;
 pub mod ops;
 pub mod params;
 pub mod separator;

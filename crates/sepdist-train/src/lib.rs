@@ -5,6 +5,8 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod engine;
+pub mod evaluate;
+pub mod infer;
 pub mod memory;
 pub mod optim;
 pub mod progress;
