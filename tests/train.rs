@@ -133,7 +133,7 @@ fn step_metrics(run: &Run) -> Vec<(f64, f64)> {
 #[test]
 fn a_short_run_writes_metrics_checkpoints_and_reports_progress() {
     let run = Run::new();
-    let out = run.train(&[], &[]);
+    let out = run.train(&["--set", "training.eval_every=2"], &[]);
     ok(&out);
     let stderr = text(&out.stderr);
     assert!(stderr.contains("epoch 1 step 4/4: loss="), "{stderr}");
@@ -166,7 +166,36 @@ fn a_short_run_writes_metrics_checkpoints_and_reports_progress() {
         assert!(train[3][key].is_number(), "{key} missing in {}", train[3]);
     }
     assert!(train[3]["mem_peak_allocated"].as_u64().unwrap() > 0);
-    assert!(records.iter().any(|r| r["kind"] == "validation"));
+    // Validation reports uSDR per source; best_model is the validation with the best mean.
+    let validations: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "validation")
+        .collect();
+    assert!(!validations.is_empty());
+    for v in &validations {
+        for source in ["drums", "bass", "other", "vocals"] {
+            assert!(
+                v[format!("usdr_{source}")].as_f64().unwrap().is_finite(),
+                "{v}"
+            );
+        }
+    }
+    let best = validations
+        .iter()
+        .filter(|v| v["step"].as_u64().unwrap() > 0)
+        .max_by(|a, b| {
+            a["usdr_mean"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["usdr_mean"].as_f64().unwrap())
+        })
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.ckpt("best_model").join("meta.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["step"], best["step"]);
+    assert_eq!(meta["trainer"]["best_usdr"], best["usdr_mean"]);
 }
 
 #[test]

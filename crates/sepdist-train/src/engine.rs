@@ -340,15 +340,20 @@ impl Engine {
         Ok(values)
     }
 
-    /// Loss of one batch without gradients (validation).
-    pub fn evaluate(&self, mixture: &Tensor, target: &Tensor) -> Result<LossValues, ModelError> {
+    /// Loss of one batch without gradients (validation), and the estimate it scored.
+    pub fn evaluate(
+        &self,
+        mixture: &Tensor,
+        target: &Tensor,
+    ) -> Result<(LossValues, Tensor), ModelError> {
         let estimate = self.separate(mixture)?;
         let parts = self.loss.compute(&estimate, target)?;
-        Ok(LossValues {
+        let values = LossValues {
             total: scalar(&parts.total)?,
             waveform: scalar(&parts.waveform)?,
             multi_stft: scalar(&parts.multi_stft)?,
-        })
+        };
+        Ok((values, estimate))
     }
 
     /// The separated sources `[B, S, 2, N]` of `mixture`, untracked.

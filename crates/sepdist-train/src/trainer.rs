@@ -97,7 +97,8 @@ pub enum Outcome {
 struct TrainerState {
     skipped_steps: u64,
     consecutive_skips: u64,
-    best_validation: Option<f64>,
+    /// Best mean validation uSDR so far (dB; higher is better).
+    best_usdr: Option<f64>,
     samples_seen: u64,
 }
 
@@ -599,8 +600,10 @@ impl Trainer<'_> {
         })
     }
 
-    /// Mean loss over the validation tracks in segment-length chunks, chunks dealt to the
-    /// ranks round-robin; with `keep_best`, saves `best_model` when it improves.
+    /// Validation over the held-out tracks in segment-length chunks, chunks dealt to the
+    /// ranks round-robin: the mean loss, and uSDR per source (whole-track SDR, the MDX/MSST
+    /// metric) averaged over tracks. With `keep_best`, saves `best_model` when the mean uSDR
+    /// over the sources improves.
     fn validate(
         &mut self,
         step: u64,
@@ -616,7 +619,17 @@ impl Trainer<'_> {
             self.cfg.dataset.segment_length,
         )?;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        let mut sums = [0.0f64; 4];
+        let sources = self.cfg.dataset.sources.clone();
+        let n_sources = sources.len();
+        let track_index: std::collections::HashMap<String, usize> = self
+            .valid
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        // [loss total, waveform, multi-STFT, chunks] then, per (track, source), Σs² and Σ(s−ŝ)²:
+        // summed over chunks and ranks, so the SDR is of whole tracks.
+        let mut sums = vec![0.0f64; 4 + 2 * self.valid.len() * n_sources];
         let engine = &self.engine;
         self.meter
             .phase(Phase::Validation, || -> Result<(), TrainError> {
@@ -627,13 +640,29 @@ impl Trainer<'_> {
                     let chunk = chunk?;
                     let n = chunk.frames;
                     let mixture = Tensor::from_slice(&chunk.mixture, (1, 2, n), engine.device())?;
-                    let s = chunk.stems.len() / (2 * n);
-                    let stems = Tensor::from_slice(&chunk.stems, (1, s, 2, n), engine.device())?;
-                    let v = engine.evaluate(&mixture, &stems)?;
+                    let stems =
+                        Tensor::from_slice(&chunk.stems, (1, n_sources, 2, n), engine.device())?;
+                    let (v, estimate) = engine.evaluate(&mixture, &stems)?;
                     sums[0] += v.total;
                     sums[1] += v.waveform;
                     sums[2] += v.multi_stft;
                     sums[3] += 1.0;
+                    let estimate = estimate.flatten_all()?.to_vec1::<f32>()?;
+                    let track = track_index.get(&chunk.track).copied().unwrap_or(0);
+                    for s in 0..n_sources {
+                        for c in 0..2 {
+                            let at = (s * 2 + c) * n;
+                            // Only the real audio: the last chunk of a track is zero-padded.
+                            let valid = at..at + chunk.valid_frames;
+                            let slot = 4 + 2 * (track * n_sources + s);
+                            for (&r, &e) in chunk.stems[valid.clone()].iter().zip(&estimate[valid])
+                            {
+                                let (r, e) = (f64::from(r), f64::from(e));
+                                sums[slot] += r * r;
+                                sums[slot + 1] += (r - e) * (r - e);
+                            }
+                        }
+                    }
                 }
                 Ok(())
             })?;
@@ -644,31 +673,52 @@ impl Trainer<'_> {
             waveform: sums[1] / count,
             multi_stft: sums[2] / count,
         };
-        let improved = keep_best
-            && self
-                .state
-                .best_validation
-                .is_none_or(|best| mean.total < best);
+        let eps = sepdist_model::metrics::USDR_EPS;
+        let tracks = self.valid.len() as f64;
+        let usdr: Vec<f64> = (0..n_sources)
+            .map(|s| {
+                (0..self.valid.len())
+                    .map(|t| {
+                        let slot = 4 + 2 * (t * n_sources + s);
+                        10.0 * ((sums[slot] + eps) / (sums[slot + 1] + eps)).log10()
+                    })
+                    .sum::<f64>()
+                    / tracks
+            })
+            .collect();
+        let usdr_mean = usdr.iter().sum::<f64>() / n_sources as f64;
+        let improved = keep_best && self.state.best_usdr.is_none_or(|best| usdr_mean > best);
+        let per_source: Vec<String> = sources
+            .iter()
+            .zip(&usdr)
+            .map(|(name, v)| format!("{name} {v:.2}"))
+            .collect();
         self.say(&format!(
-            "step {step}: validation loss {:.4} over {} chunks{}",
+            "step {step}: validation loss {:.4}, uSDR {} dB, mean {usdr_mean:.2} dB over {} chunks{}",
             mean.total,
+            per_source.join(", "),
             sums[3] as u64,
             if improved { " (best so far)" } else { "" }
         ));
         if let Some(metrics) = metrics {
+            let mut record = serde_json::json!({
+                "kind": "validation",
+                "step": step,
+                "loss": mean.total,
+                "loss_waveform": mean.waveform,
+                "loss_multi_stft": mean.multi_stft,
+                "chunks": sums[3] as u64,
+                "usdr_mean": usdr_mean,
+            });
+            for (name, v) in sources.iter().zip(&usdr) {
+                record[format!("usdr_{name}")] = serde_json::json!(v);
+            }
             metrics
-                .write(&serde_json::json!({
-                    "kind": "validation",
-                    "step": step,
-                    "loss": mean.total,
-                    "loss_waveform": mean.waveform,
-                    "loss_multi_stft": mean.multi_stft,
-                    "chunks": sums[3] as u64,
-                }))
+                .write(&record)
                 .map_err(io(&self.cfg.training.output_dir))?;
         }
         if improved {
-            self.state.best_validation = Some(mean.total);
+            self.state.best_usdr = Some(usdr_mean);
             self.save("best_model", step)?;
         }
         Ok(())
