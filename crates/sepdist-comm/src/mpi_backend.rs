@@ -518,6 +518,12 @@ impl Communicator for Mpi {
     }
 
     fn abort(&self, code: i32) -> ! {
+        // The launcher forwards our stdout/stderr through pipes and tears everything down on
+        // MPI_Abort: give it a moment to forward the message that explains the abort.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        std::thread::sleep(std::time::Duration::from_millis(500));
         world().abort(code)
     }
 }

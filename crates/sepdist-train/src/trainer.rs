@@ -263,7 +263,9 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     );
     if let Err(TrainError::Comm(e @ CommError::Timeout { .. })) = &result {
         // A rank is gone or stuck: nothing can be agreed on any more. Say where, end the job.
-        eprintln!("error: rank {rank}: {e}; aborting the job");
+        // One write, so the launcher forwards the line whole before the abort.
+        let line = format!("error: rank {rank}: {e}; aborting the job\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         trainer.comm.abort(1);
     }
     result

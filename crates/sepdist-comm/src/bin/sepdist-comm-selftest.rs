@@ -222,7 +222,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(m) => {
-            eprintln!("rank {r}/{n}: error: {m}");
+            // One write, so the launcher forwards the line whole before the abort.
+            let line = format!("rank {r}/{n}: error: {m}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             // Ends every rank: the others may be blocked in a collective this rank left.
             c.abort(3)
         }
