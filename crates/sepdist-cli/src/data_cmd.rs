@@ -10,6 +10,11 @@ pub enum DataCommand {
     /// List every problem of a dataset folder (unreadable or truncated WAV, missing stem,
     /// wrong sample rate, length mismatch, silence-only track); exit code 1 if any.
     Check(CheckArgs),
+    /// Convert a MUSDB18 `.stem.mp4` dataset (SRC/train and SRC/test holding `<track>.stem.mp4`)
+    /// to the MUSDB18-HQ WAV layout in DST (DST/<split>/<track>/{mixture,drums,bass,other,
+    /// vocals}.wav). Tracks already converted are skipped; a file that fails is reported and the
+    /// others continue (exit code 1 at the end).
+    Convert(ConvertArgs),
 }
 
 /// Dataset settings from a config file; flags given explicitly win over it.
@@ -72,10 +77,73 @@ pub struct CheckArgs {
     pub dataset: FromConfig,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WavFormat {
+    /// 32-bit float (lossless for the decoded AAC).
+    F32,
+    /// 16-bit integer (half the size).
+    Pcm16,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Dataset of `.stem.mp4` files (with train/ and test/).
+    #[arg(value_name = "SRC")]
+    pub src: PathBuf,
+    /// Output folder (MUSDB18-HQ layout).
+    #[arg(value_name = "DST")]
+    pub dst: PathBuf,
+    /// Sample encoding of the WAVs.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub format: WavFormat,
+    /// Sample rate of the WAVs in Hz (other rates are resampled).
+    #[arg(long, value_name = "HZ", default_value_t = 44_100)]
+    pub sample_rate: u32,
+    /// Convert tracks again even when their WAVs exist and are newer than the `.stem.mp4`.
+    #[arg(long)]
+    pub force: bool,
+}
+
 pub fn run(cmd: DataCommand) -> Result<u8, crate::Failure> {
     match cmd {
         DataCommand::Synth(args) => synth(args),
         DataCommand::Check(args) => check(args),
+        DataCommand::Convert(args) => convert(args),
+    }
+}
+
+fn convert(args: ConvertArgs) -> Result<u8, crate::Failure> {
+    use sepdist_data::stem::Progress;
+    let format = match args.format {
+        WavFormat::F32 => sepdist_data::SampleFormat::F32,
+        WavFormat::Pcm16 => sepdist_data::SampleFormat::I16,
+    };
+    let report = sepdist_data::convert_dataset(
+        &args.src,
+        &args.dst,
+        args.sample_rate,
+        format,
+        args.force,
+        |i, n, name, progress| match progress {
+            Progress::Converted => eprintln!("[{i}/{n}] {name}: converted"),
+            Progress::Skipped => eprintln!("[{i}/{n}] {name}: already converted, skipped"),
+            Progress::Failed(e) => eprintln!("[{i}/{n}] {name}: error: {e}"),
+        },
+    )?;
+    println!(
+        "{}: {} converted, {} skipped, {} failed",
+        args.dst.display(),
+        report.converted,
+        report.skipped,
+        report.failed.len()
+    );
+    if report.failed.is_empty() {
+        Ok(0)
+    } else {
+        for e in &report.failed {
+            eprintln!("error: {e}");
+        }
+        Ok(crate::EXIT_FAILURE)
     }
 }
 

@@ -86,7 +86,9 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Checks `root/{train,test}/<track>/{mixture,<sources>}.wav`. Returns every problem found
+/// Checks `root/{train,test}/<track>/{mixture,<sources>}.wav`, or the `.stem.mp4` files of a
+/// split without track folders (each decoded whole: unreadable files, missing streams, length
+/// mismatches between streams, silent mixtures; any rate is fine, it is resampled). Returns every problem found
 /// (empty when the dataset is sound), in path order; never stops at the first one. A missing
 /// `test` folder is not a problem (small synthetic sets have none); an empty one is.
 pub fn check_dataset(root: &Path, sources: &[String], sample_rate: u32) -> Vec<Problem> {
@@ -113,8 +115,15 @@ pub fn check_dataset(root: &Path, sources: &[String], sample_rate: u32) -> Vec<P
             }
             continue;
         }
+        // A MUSDB18 `.stem.mp4` split (no track folders) is checked file by file.
+        let stems = crate::stem::stem_files(&dir).unwrap_or_default();
         match track_dirs(&dir) {
             Err(e) => add(&dir, ProblemKind::Unreadable(message(&e))),
+            Ok(tracks) if tracks.is_empty() && !stems.is_empty() => {
+                for file in stems {
+                    check_stem_file(&file, sources, sample_rate, &mut add);
+                }
+            }
             Ok(tracks) if tracks.is_empty() => add(&dir, ProblemKind::EmptySplit),
             Ok(tracks) => {
                 for track in tracks {
@@ -193,6 +202,48 @@ fn check_track(
                         reference: reference.clone(),
                         reference_frames,
                     },
+                );
+            }
+        }
+    }
+}
+
+fn check_stem_file(
+    path: &Path,
+    sources: &[String],
+    sample_rate: u32,
+    add: &mut impl FnMut(&Path, ProblemKind),
+) {
+    let mut frames: Vec<(String, usize)> = Vec::new();
+    for name in std::iter::once(MIXTURE).chain(sources.iter().map(String::as_str)) {
+        match crate::stem::read_stream(path, name, sample_rate) {
+            Err(e) => {
+                add(
+                    path,
+                    ProblemKind::Unreadable(format!("{name}: {}", message(&e))),
+                );
+                // Every further stream of an unreadable file fails the same way.
+                if !matches!(e, DataError::Invalid { ref what, .. } if what.starts_with("no `")) {
+                    return;
+                }
+            }
+            Ok(d) => {
+                let silent = d.audio.left.iter().chain(&d.audio.right).all(|&x| x == 0.0);
+                if name == MIXTURE && silent {
+                    add(path, ProblemKind::Silent);
+                }
+                frames.push((name.to_string(), d.audio.frames()));
+            }
+        }
+    }
+    if let Some((reference, reference_frames)) = frames.first().cloned() {
+        for (name, n) in &frames[1..] {
+            if *n != reference_frames {
+                add(
+                    path,
+                    ProblemKind::Unreadable(format!(
+                        "stream `{name}` has {n} frames, `{reference}` {reference_frames}"
+                    )),
                 );
             }
         }

@@ -60,11 +60,37 @@ fn symphonia_error(path: &Path, e: SymphoniaError) -> DataError {
 
 /// Reads an audio file and returns it as stereo at `target_rate` Hz.
 pub fn read_audio(path: &Path, target_rate: u32) -> Result<Decoded> {
-    if target_rate == 0 {
-        return Err(DataError::Argument(
-            "target sample rate must be positive".into(),
-        ));
+    decode_track(path, None, target_rate, &[])
+}
+
+/// The part of a stream to keep (an MP4 edit list: encoder delay and padding dropped), in
+/// units of `timescale` per second; `timescale == 0` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Trim {
+    pub skip: u64,
+    /// Kept after `skip`; `None`: to the end.
+    pub keep: Option<u64>,
+    pub timescale: u32,
+}
+
+impl Trim {
+    /// `(skip, keep)` in frames at `rate` Hz.
+    fn frames(&self, rate: u32) -> (u64, Option<u64>) {
+        if self.timescale == 0 {
+            return (0, None);
+        }
+        let at = |v: u64| {
+            (u128::from(v) * u128::from(rate) / u128::from(self.timescale)).min(u64::MAX as u128)
+                as u64
+        };
+        (at(self.skip), self.keep.map(at))
     }
+}
+
+/// Probes `path`: its container reader and the ids of its audio tracks in file order.
+pub(crate) fn open_format(
+    path: &Path,
+) -> Result<(Box<dyn symphonia::core::formats::FormatReader>, Vec<u32>)> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let stream = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
@@ -79,20 +105,60 @@ pub fn read_audio(path: &Path, target_rate: u32) -> Result<Decoded> {
     let probed = symphonia::default::get_probe()
         .format(&hint, stream, &format_options, &MetadataOptions::default())
         .map_err(|e| symphonia_error(path, e))?;
-    let mut format = probed.format;
-    let track = format
+    let format = probed.format;
+    let ids = format
         .tracks()
         .iter()
-        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+        .filter(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+        .map(|t| t.id)
+        .collect();
+    Ok((format, ids))
+}
+
+/// Decodes audio track number `index` (in file order among the audio tracks; the first when
+/// `None`) of `path` to stereo at `target_rate` Hz, dropping the source frames outside
+/// `trims[track id]` (none when absent).
+pub(crate) fn decode_track(
+    path: &Path,
+    index: Option<usize>,
+    target_rate: u32,
+    trims: &[Trim],
+) -> Result<Decoded> {
+    if target_rate == 0 {
+        return Err(DataError::Argument(
+            "target sample rate must be positive".into(),
+        ));
+    }
+    let (mut format, ids) = open_format(path)?;
+    let Some(&track_id) = ids.get(index.unwrap_or(0)) else {
+        return Err(match index {
+            None => invalid(path, "no audio track"),
+            Some(i) => invalid(
+                path,
+                format!(
+                    "no audio stream {i} (the file has {} audio streams)",
+                    ids.len()
+                ),
+            ),
+        });
+    };
+    let params = format
+        .tracks()
+        .iter()
+        .find(|t| t.id == track_id)
+        .map(|t| t.codec_params.clone())
         .ok_or_else(|| invalid(path, "no audio track"))?;
-    let track_id = track.id;
-    let params = track.codec_params.clone();
     let source_rate = params
         .sample_rate
         .ok_or_else(|| invalid(path, "the stream does not give its sample rate"))?;
     let mut decoder = symphonia::default::get_codecs()
         .make(&params, &DecoderOptions::default())
         .map_err(|e| symphonia_error(path, e))?;
+    let (skip, keep) = trims
+        .get(track_id as usize)
+        .copied()
+        .unwrap_or_default()
+        .frames(source_rate);
 
     let ratio = f64::from(target_rate) / f64::from(source_rate);
     let mut out = Output::new(path, source_rate, target_rate)?;
@@ -105,6 +171,8 @@ pub fn read_audio(path: &Path, target_rate: u32) -> Result<Decoded> {
     let mut channels = params.channels.map(|c| c.count()).unwrap_or(0);
     let mut skipped = 0;
     let mut samples: Option<SampleBuffer<f32>> = None;
+    // Source frames decoded so far (before trimming).
+    let mut seen: u64 = 0;
     loop {
         let packet = match format.next_packet() {
             Ok(p) => p,
@@ -140,7 +208,16 @@ pub fn read_audio(path: &Path, target_rate: u32) -> Result<Decoded> {
             _ => samples.insert(SampleBuffer::new(decoded.capacity() as u64, spec)),
         };
         buf.copy_interleaved_ref(decoded);
-        out.push_interleaved(&buf.samples()[..frames * channels], channels)?;
+        // The part of this packet's frames `[seen, seen + frames)` inside the trim window.
+        let first = skip.saturating_sub(seen).min(frames as u64) as usize;
+        let end = match keep {
+            Some(keep) => (skip + keep).saturating_sub(seen).min(frames as u64) as usize,
+            None => frames,
+        };
+        seen += frames as u64;
+        if first < end {
+            out.push_interleaved(&buf.samples()[first * channels..end * channels], channels)?;
+        }
     }
     if channels == 0 {
         return Err(invalid(path, "no audio frames decoded"));

@@ -1,4 +1,5 @@
-//! sepdist data pipeline: MUSDB18-HQ WAV reading, a synthetic MUSDB-shaped dataset, a
+//! sepdist data pipeline: MUSDB18-HQ WAV reading, MUSDB18 `.stem.mp4` decoding (through a WAV
+//! cache), a synthetic MUSDB-shaped dataset, a
 //! deterministic sampler with augmentation, whole-track evaluation chunks, a background loader
 //! and a dataset checker.
 //!
@@ -15,9 +16,11 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod loader;
+mod mp4;
 pub mod musdb;
 mod rng;
 pub mod sampler;
+pub mod stem;
 pub mod synth;
 pub mod wav;
 
@@ -27,5 +30,6 @@ pub use eval::{Chunk, ChunkIter};
 pub use loader::Loader;
 pub use musdb::{Musdb, Track};
 pub use sampler::{Batch, Example, Sampler, Schedule};
+pub use stem::{ConvertReport, convert_dataset};
 pub use synth::{Summary, generate};
 pub use wav::{SampleFormat, Stereo, WavInfo};

@@ -1,4 +1,5 @@
-//! The MUSDB18-HQ layout: `ROOT/{train,test}/<track>/{mixture,<source>...}.wav`.
+//! The MUSDB18-HQ layout: `ROOT/{train,test}/<track>/{mixture,<source>...}.wav`, and MUSDB18
+//! `.stem.mp4` datasets through a WAV cache in that layout ([`crate::stem`]).
 //!
 //! Opening reads headers only. Tracks are sorted by folder name, so track indices (and hence
 //! the sampler's draws) are the same on every machine. The validation subset is the train
@@ -118,11 +119,9 @@ impl Musdb {
                     summary.test.len()
                 );
             }
-            DatasetFormat::StemMp4 => {
-                return Err(DataError::Argument(format!(
-                    "{}: dataset.format stem_mp4 cannot be read yet; use the MUSDB18-HQ WAV layout",
-                    cfg.root.display()
-                )));
+            DatasetFormat::StemMp4 => return Musdb::open_stem_mp4(cfg),
+            DatasetFormat::Auto if crate::stem::is_stem_dataset(&cfg.root) => {
+                return Musdb::open_stem_mp4(cfg);
             }
             _ => {}
         }
@@ -132,6 +131,28 @@ impl Musdb {
             cfg.sample_rate,
             &cfg.validation_tracks,
         )
+    }
+}
+
+impl Musdb {
+    /// A `.stem.mp4` dataset, read through its WAV cache (see [`crate::stem::wav_cache`]):
+    /// track paths point into the cache; `root` stays the dataset root. Files that fail to
+    /// decode are skipped like unreadable WAV tracks, each error naming the `.stem.mp4`.
+    fn open_stem_mp4(cfg: &DatasetConfig) -> Result<Musdb> {
+        validate_sources(&cfg.sources)?;
+        let (cache, failed) = crate::stem::wav_cache(&cfg.root, &cfg.sources, cfg.sample_rate)?;
+        for e in &failed {
+            eprintln!("warning: skipping track: {e}");
+        }
+        let mut data = Musdb::open(
+            &cache,
+            &cfg.sources,
+            cfg.sample_rate,
+            &cfg.validation_tracks,
+        )?;
+        data.root = cfg.root.clone();
+        data.skipped.extend(failed);
+        Ok(data)
     }
 }
 

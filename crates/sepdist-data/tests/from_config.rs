@@ -51,12 +51,3 @@ fn wav_format_with_a_missing_root_is_an_error_naming_it() {
     assert!(e.contains("absent"), "{e}");
     assert!(!dir.path().join("absent").exists());
 }
-
-#[test]
-fn stem_mp4_is_refused_with_a_clear_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = synthetic_config(dir.path());
-    cfg.format = DatasetFormat::StemMp4;
-    let e = Musdb::from_config(&cfg).unwrap_err().to_string();
-    assert!(e.contains("stem_mp4 cannot be read yet"), "{e}");
-}
