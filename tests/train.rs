@@ -196,6 +196,28 @@ fn a_short_run_writes_metrics_checkpoints_and_reports_progress() {
     .unwrap();
     assert_eq!(meta["step"], best["step"]);
     assert_eq!(meta["trainer"]["best_usdr"], best["usdr_mean"]);
+    // TensorBoard events beside the metrics: a TFRecord file of several records.
+    let events: Vec<PathBuf> = std::fs::read_dir(run.out().join("tb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let name = events[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "validation/usdr_mean",
+        "validation/audio/vocals",
+    ] {
+        assert!(text.contains(tag), "{tag} missing from the event file");
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod config_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod plot_cmd;
 mod train_cmd;
 
 pub use train_cmd::{EXIT_SIGINT, EXIT_SIGTERM};
@@ -49,6 +50,8 @@ pub enum Command {
     Separate(eval_cmd::SeparateArgs),
     /// Score separations in uSDR and museval's cSDR (a checkpoint on a split, or estimates).
     Eval(eval_cmd::EvalArgs),
+    /// Plot a run's metrics.jsonl (loss, learning rate, memory, uSDR) as PNG and SVG.
+    Plot(plot_cmd::PlotArgs),
 }
 
 /// An error with the exit code it ends the process with.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli, heap: &'static dyn sepdist_train::memory::HeapCounter) -> R
         (Some(Command::Data(cmd)), _) => data_cmd::run(cmd),
         (Some(Command::Separate(args)), _) => eval_cmd::run_separate(args),
         (Some(Command::Eval(args)), _) => eval_cmd::run_eval(args),
+        (Some(Command::Plot(args)), _) => plot_cmd::run(args),
         (None, None) => Err(Failure {
             code: EXIT_USAGE,
             error: anyhow::anyhow!(

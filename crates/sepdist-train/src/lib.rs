@@ -9,8 +9,10 @@ pub mod evaluate;
 pub mod infer;
 pub mod memory;
 pub mod optim;
+pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};

@@ -32,6 +32,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    #[error(transparent)]
+    TensorBoard(#[from] crate::tensorboard::TbError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -144,6 +146,8 @@ struct Trainer<'c> {
     progress: Progress,
     valid: Vec<sepdist_data::Track>,
     sample_rate: u32,
+    /// TensorBoard events in `OUTPUT_DIR/tb` (rank 0 only).
+    tb: Option<crate::tensorboard::TbWriter>,
 }
 
 /// Bytes every rank must agree on before training: the parameter fingerprint and the
@@ -249,6 +253,7 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         progress: Progress::new(terminal, t.log_every),
         valid: data.valid.clone(),
         sample_rate: data.sample_rate,
+        tb: None,
         engine,
         comm,
         cfg: cfg.clone(),
@@ -305,6 +310,12 @@ impl Trainer<'_> {
             }
         }
         let mut metrics = if self.rank0() {
+            let mut tb = crate::tensorboard::TbWriter::create(t.output_dir.join("tb"))?;
+            if step > 0 {
+                // TensorBoard drops events a previous run logged past the resumed step.
+                tb.session_start(step)?;
+            }
+            self.tb = Some(tb);
             Some(
                 MetricsWriter::append(&t.output_dir.join("metrics.jsonl"))
                     .map_err(io(&t.output_dir))?,
@@ -377,6 +388,23 @@ impl Trainer<'_> {
                         mem_peak_reserved: memory.peak_reserved,
                     })
                     .map_err(io(&t.output_dir))?;
+            }
+            if let Some(tb) = self.tb.as_mut() {
+                let scalars = [
+                    ("train/loss", record.losses.total),
+                    ("train/loss_waveform", record.losses.waveform),
+                    ("train/loss_multi_stft", record.losses.multi_stft),
+                    ("train/lr", record.lr),
+                    ("train/grad_norm", record.grad_norm),
+                    ("train/samples_per_s", samples_per_s),
+                    ("memory/allocated_bytes", memory.allocated as f64),
+                    ("memory/peak_allocated_bytes", memory.peak_allocated as f64),
+                    ("memory/reserved_bytes", memory.reserved as f64),
+                ];
+                for (tag, value) in scalars {
+                    tb.scalar(tag, step, value as f32)?;
+                }
+                tb.flush()?;
             }
             if record.signal != 0 {
                 // Every rank saw the same reduced flag: all stop at this boundary.
@@ -632,6 +660,8 @@ impl Trainer<'_> {
         // [loss total, waveform, multi-STFT, chunks] then, per (track, source), Σs² and Σ(s−ŝ)²:
         // summed over chunks and ranks, so the SDR is of whole tracks.
         let mut sums = vec![0.0f64; 4 + 2 * self.valid.len() * n_sources];
+        // The first chunk's separation, for listening in TensorBoard (rank 0 owns chunk 0).
+        let mut excerpt: Option<(Vec<f32>, usize)> = None;
         let engine = &self.engine;
         self.meter
             .phase(Phase::Validation, || -> Result<(), TrainError> {
@@ -650,6 +680,9 @@ impl Trainer<'_> {
                     sums[2] += v.multi_stft;
                     sums[3] += 1.0;
                     let estimate = estimate.flatten_all()?.to_vec1::<f32>()?;
+                    if i == 0 {
+                        excerpt = Some((estimate.clone(), n));
+                    }
                     let track = track_index.get(&chunk.track).copied().unwrap_or(0);
                     for s in 0..n_sources {
                         for c in 0..2 {
@@ -718,6 +751,27 @@ impl Trainer<'_> {
             metrics
                 .write(&record)
                 .map_err(io(&self.cfg.training.output_dir))?;
+        }
+        if let Some(tb) = self.tb.as_mut() {
+            tb.scalar("validation/loss", step, mean.total as f32)?;
+            tb.scalar("validation/usdr_mean", step, usdr_mean as f32)?;
+            for (name, v) in sources.iter().zip(&usdr) {
+                tb.scalar(&format!("validation/usdr_{name}"), step, *v as f32)?;
+            }
+            if let Some((estimate, n)) = &excerpt {
+                for (s, name) in sources.iter().enumerate() {
+                    let planar = &estimate[s * 2 * n..(s + 1) * 2 * n];
+                    tb.audio(
+                        &format!("validation/audio/{name}"),
+                        step,
+                        self.sample_rate,
+                        planar,
+                        2,
+                        crate::tensorboard::SampleLayout::Planar,
+                    )?;
+                }
+            }
+            tb.flush()?;
         }
         if improved {
             self.state.best_usdr = Some(usdr_mean);
