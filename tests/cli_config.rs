@@ -2,21 +2,10 @@
 //! The `sepdist config` commands through the real binary: every shipped config passes,
 //! errors are one clear line with exit code 2.
 
+mod common;
+use common::{run as sepdist, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn sepdist(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sepdist"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the sepdist binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn config_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");

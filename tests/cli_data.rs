@@ -1,21 +1,10 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 //! `sepdist data synth` and `sepdist data check` through the real binary.
 
+mod common;
+use common::{run as sepdist, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn sepdist(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sepdist"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the sepdist binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn synth(out: &Path) {
     let out = sepdist(&[

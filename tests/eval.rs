@@ -3,32 +3,13 @@
 //! few steps separates generated WAVs (stereo at the model rate, mono at another rate), is
 //! scored on the synthetic test split, and existing estimates with known noise are scored.
 
+mod common;
+use common::{ok, sepdist, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const TINY: &str = "tests/fixtures/tiny.yaml";
 const RATE: u32 = 8000;
-
-fn sepdist() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sepdist"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_BACKTRACE");
-    cmd
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
 
 /// The synthetic dataset and a run trained on it for 4 steps, shared by every test here.
 struct Trained {
@@ -40,23 +21,7 @@ fn trained() -> &'static Trained {
     static T: std::sync::OnceLock<Trained> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let base = std::env::temp_dir().join(format!("sepdist-eval-tests-{}", std::process::id()));
-        let data = base.join("data");
-        let out = sepdist()
-            .args(["data", "synth", "--out"])
-            .arg(&data)
-            .args([
-                "--tracks",
-                "4",
-                "--seconds",
-                "1",
-                "--seed",
-                "5",
-                "--sample-rate",
-                "8000",
-            ])
-            .output()
-            .unwrap();
-        ok(&out);
+        let data = common::tiny_dataset("eval-tests");
         let run = base.join("run");
         let out = sepdist()
             .args(["train", "--config", TINY, "--set"])

@@ -4,15 +4,20 @@
 //! asserts the world size the ranks report: a binary started by another MPI's mpirun runs as
 //! N singletons without any error.
 
+mod common;
+use common::{rel_diff, text, weights};
+
+fn data_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| common::tiny_dataset("mpi-tests"))
+        .clone()
+}
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const TINY: &str = "tests/fixtures/tiny.yaml";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn mpirun() -> Command {
     let found = Command::new("mpirun").arg("--version").output();
@@ -26,31 +31,6 @@ fn mpirun() -> Command {
         cmd.args(["--allow-run-as-root", "--oversubscribe"]);
     }
     cmd
-}
-
-fn data_root() -> PathBuf {
-    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sepdist-mpi-tests-{}", std::process::id()));
-        let out = Command::new(env!("CARGO_BIN_EXE_sepdist"))
-            .args(["data", "synth", "--out"])
-            .arg(&dir)
-            .args([
-                "--tracks",
-                "4",
-                "--seconds",
-                "1",
-                "--seed",
-                "5",
-                "--sample-rate",
-                "8000",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        dir
-    })
-    .clone()
 }
 
 /// `mpirun -n ranks sepdist train --config tiny.yaml ...` with one thread per rank.
@@ -97,30 +77,6 @@ fn run_ok(ranks: usize, mut cmd: Command) -> Output {
         "the job did not run as {ranks} ranks:\n{err}"
     );
     output
-}
-
-fn weights(dir: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    names.sort();
-    names
-        .iter()
-        .flat_map(|n| {
-            st.tensor(n)
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-    let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-    (diff / norm).sqrt()
 }
 
 #[test]

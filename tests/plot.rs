@@ -1,15 +1,10 @@
 //! `sepdist plot` through the real binary: figures of a small metrics file, the default output
 //! folder, and a garbled metrics line reported with its file and line number.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+use common::run as sepdist;
 
-fn sepdist(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sepdist"))
-        .args(args)
-        .output()
-        .expect("run sepdist")
-}
+use std::path::Path;
 
 fn write_metrics(dir: &Path) {
     let mut lines = vec![

@@ -3,21 +3,11 @@
 //! MUSDB18-HQ layout, `sepdist data check` on the result and on the stem files themselves.
 //! Fixtures: crates/sepdist-data/tests/fixtures/stem_mp4 (README there).
 
+mod common;
+use common::{run as sepdist, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn sepdist(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sepdist"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the sepdist binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use std::process::Command;
 
 /// A copy of the fixture dataset plus a corrupt `.stem.mp4` in train/.
 fn dataset(dir: &Path) -> (PathBuf, PathBuf) {
