@@ -256,6 +256,52 @@ fn eval_checkpoint_scores_the_test_split() {
     assert!(text(&out.stdout).contains("vocals"));
 }
 
+/// `--root` holding MUSDB18 `.stem.mp4` files (the data crate's fixtures: 1-s tones at
+/// 44.1 kHz, decoded and resampled to the model's 8 kHz) is scored like the HQ layout.
+#[test]
+fn eval_checkpoint_reads_a_stem_mp4_root() {
+    let t = trained();
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/sepdist-data/tests/fixtures/stem_mp4");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = sepdist()
+        .args(["eval", "--checkpoint"])
+        .arg(&t.run)
+        .arg("--root")
+        .arg(&fixtures)
+        .arg("--out")
+        .arg(out_dir.path())
+        .args(["--window", "hann"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let json = read_json(&out_dir.path().join("results.json"));
+    let tracks = json["tracks"].as_array().unwrap();
+    assert_eq!(tracks.len(), 1, "{json}");
+    assert_eq!(tracks[0]["name"], "Gamma - Three");
+    // One second at 8 kHz, give or take the AAC edit-list precision (1 ms).
+    let frames = tracks[0]["frames"].as_u64().unwrap();
+    assert!((7990..=8010).contains(&frames), "{frames}");
+    for source in ["drums", "bass", "other", "vocals"] {
+        let s = &tracks[0]["sources"][source];
+        for key in ["usdr", "usdr_mixture"] {
+            assert!(
+                s[key].as_f64().is_some_and(f64::is_finite),
+                "{source}.{key}: {s}"
+            );
+        }
+    }
+    assert!(!fixtures.join(".sepdist-wav-cache").exists());
+
+    // An unknown window is a usage error.
+    let out = sepdist()
+        .args(["eval", "--window", "triangle", "--checkpoint"])
+        .arg(&t.run)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
 /// Estimates = references + white noise at a chosen SNR per source: uSDR is that SNR.
 #[test]
 fn eval_estimates_against_references_gives_the_known_snr() {

@@ -5,7 +5,7 @@ use crate::{EXIT_FAILURE, EXIT_USAGE, Failure};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use sepdist_train::evaluate::{self, Results, TrackResult};
-use sepdist_train::infer::{ChunkOptions, Inference, OutputFormat};
+use sepdist_train::infer::{ChunkOptions, Inference, OutputFormat, Window};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,6 +21,9 @@ pub struct ChunkArgs {
     /// Chunks per forward pass.
     #[arg(long, value_name = "B", default_value_t = 4)]
     pub batch: usize,
+    /// Cross-fade of overlapping chunks: linear, hann or rect (plain average).
+    #[arg(long, value_name = "W", default_value = "linear", value_parser = Window::NAMES)]
+    pub window: String,
 }
 
 impl ChunkArgs {
@@ -32,10 +35,13 @@ impl ChunkArgs {
             Some(s) => Some((s * f64::from(sample_rate)).round() as usize),
             None => None,
         };
+        let window = Window::parse(&self.window)
+            .ok_or_else(|| usage(format!("--window {}: unknown window", self.window)))?;
         Ok(ChunkOptions {
             chunk_frames,
             overlap: self.overlap,
             batch: self.batch,
+            window,
         })
     }
 }

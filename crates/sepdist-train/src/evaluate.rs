@@ -1,11 +1,11 @@
 //! Scoring separations: uSDR and museval's BSSEval v4 cSDR per track and source (see
 //! [`sepdist_model::metrics`]), medians over tracks, and the `results.json` / `results.csv`
-//! files. Tracks come from a checkpoint separating a MUSDB18-HQ split, or from existing
+//! files. Tracks come from a checkpoint separating a MUSDB18-HQ or `.stem.mp4` split, or from existing
 //! estimates in museval's `eval_dir` layout (`DIR/<track>/<source>.wav`).
 
 use crate::infer::{ChunkOptions, InferError, Inference};
 use sepdist_data::musdb::MIXTURE;
-use sepdist_data::{DataError, wav};
+use sepdist_data::{DataError, stem, wav};
 use sepdist_model::metrics::{self, Framing};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -180,31 +180,15 @@ pub fn evaluate_checkpoint(
 ) -> Result<Results> {
     let sources = inference.sources().to_vec();
     let rate = inference.sample_rate();
-    let (tracks, skipped) = sepdist_data::musdb::list_split(&root.join(split), &sources, rate)?;
-    if let Some(e) = skipped.into_iter().next() {
-        return Err(e.into());
-    }
-    if tracks.is_empty() {
-        return Err(DataError::NoTracks {
-            path: root.join(split),
-            split: if split == "test" { "test" } else { "train" },
-        }
-        .into());
-    }
+    let split_dir = root.join(split);
     let mut done = Vec::new();
-    for track in &tracks {
-        let mixture = wav::read(&track.mixture, Some(rate))?.to_planar();
+    let mut score = |name: &str, mixture: Vec<f32>, references: Vec<Vec<f32>>| -> Result<()> {
         let estimate = inference.separate(&mixture, options)?;
         let n = mixture.len() / 2;
         let estimates: Vec<Vec<f32>> = estimate.chunks_exact(2 * n).map(<[f32]>::to_vec).collect();
         drop(estimate);
-        let references = track
-            .stems
-            .iter()
-            .map(|p| Ok(wav::read(p, Some(rate))?.to_planar()))
-            .collect::<Result<Vec<_>>>()?;
         let r = score_track(
-            &track.name,
+            name,
             &sources,
             &references,
             &estimates,
@@ -213,6 +197,50 @@ pub fn evaluate_checkpoint(
         )?;
         progress(&r);
         done.push(r);
+        Ok(())
+    };
+    // MUSDB18 as `.stem.mp4` files: decoded whole (evaluation reads every track once).
+    let stem_files = stem::stem_files(&split_dir)?;
+    if !stem_files.is_empty() {
+        let indices = sources
+            .iter()
+            .map(|s| stem::stream_index(s))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        for path in &stem_files {
+            let streams = stem::read_stems(path, rate)?;
+            // AAC streams decode to lengths that may differ by a few frames: keep the common part.
+            let n = streams.iter().map(|d| d.audio.frames()).min().unwrap_or(0);
+            let planar = |i: usize| {
+                let a = &streams[i].audio;
+                let mut v = Vec::with_capacity(2 * n);
+                v.extend_from_slice(&a.left[..n]);
+                v.extend_from_slice(&a.right[..n]);
+                v
+            };
+            let references = indices.iter().map(|&i| planar(i)).collect();
+            score(&stem::track_name(path), planar(0), references)?;
+        }
+    } else {
+        let (tracks, skipped) = sepdist_data::musdb::list_split(&split_dir, &sources, rate)?;
+        if let Some(e) = skipped.into_iter().next() {
+            return Err(e.into());
+        }
+        for track in &tracks {
+            let mixture = wav::read(&track.mixture, Some(rate))?.to_planar();
+            let references = track
+                .stems
+                .iter()
+                .map(|p| Ok(wav::read(p, Some(rate))?.to_planar()))
+                .collect::<Result<Vec<_>>>()?;
+            score(&track.name, mixture, references)?;
+        }
+    }
+    if done.is_empty() {
+        return Err(DataError::NoTracks {
+            path: split_dir,
+            split: if split == "test" { "test" } else { "train" },
+        }
+        .into());
     }
     Ok(results(
         rate,

@@ -4,11 +4,11 @@
 //! song.
 //!
 //! Overlap-add: chunks of `C` frames start every `H = C − O` frames (`O` the overlap); each
-//! output chunk is weighted by a window that is 1 in the middle and ramps linearly over `O`
-//! frames at both ends, with values `(i + 1)/(O + 1)`, so that two overlapping ramps sum to
-//! exactly 1; the accumulated sum is divided by the accumulated window anyway, which keeps the
-//! first and last frames of the song (covered by one ramp only) exact. The window never reaches
-//! 0, so the division is always safe. The song is zero-padded to whole chunks.
+//! output chunk is weighted by a [`Window`] that is 1 in the middle and ramps over `O` frames at
+//! both ends (linear by default, `(i + 1)/(O + 1)`, so that two overlapping ramps sum to exactly
+//! 1); the accumulated sum is divided by the accumulated window anyway, which keeps the first
+//! and last frames of the song (covered by one ramp only) exact. The window never reaches 0, so
+//! the division is always safe. The song is zero-padded to whole chunks.
 
 use crate::checkpoint::{self, CheckpointError, LATEST_FILE, Loaded};
 use crate::engine::FlatLayout;
@@ -66,6 +66,8 @@ pub struct ChunkOptions {
     pub overlap: f64,
     /// Chunks per forward pass.
     pub batch: usize,
+    /// Cross-fade of overlapping chunks.
+    pub window: Window,
 }
 
 impl Default for ChunkOptions {
@@ -74,7 +76,61 @@ impl Default for ChunkOptions {
             chunk_frames: None,
             overlap: 0.25,
             batch: 4,
+            window: Window::Linear,
         }
+    }
+}
+
+/// Weight of each frame of a chunk in the overlap-add. Every shape is 1 outside the overlap
+/// and, inside it, rises over the first `O` frames and falls over the last `O`; the rise of
+/// one chunk and the fall of the previous sum to exactly 1 (linear, hann) or are averaged
+/// (rect), and the accumulated sum is divided by the accumulated weight in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Window {
+    /// Linear ramps `(i + 1)/(O + 1)`, as demucs and MSST cross-fade.
+    #[default]
+    Linear,
+    /// Raised-cosine ramps `sin²(π/2 · (i + 1)/(O + 1))`: smooth at both ends of the fade.
+    Hann,
+    /// No fade: overlapping estimates are averaged with equal weight.
+    Rect,
+}
+
+impl Window {
+    pub const NAMES: [&'static str; 3] = ["linear", "hann", "rect"];
+
+    pub fn parse(name: &str) -> Option<Window> {
+        match name {
+            "linear" => Some(Window::Linear),
+            "hann" => Some(Window::Hann),
+            "rect" => Some(Window::Rect),
+            _ => None,
+        }
+    }
+
+    /// The weights of a chunk of `chunk` frames whose first and last `overlap` frames are
+    /// shared with its neighbours. Never 0, so that the first and last frames of a song (covered
+    /// by one chunk only) stay exact after normalisation.
+    pub fn weights(self, chunk: usize, overlap: usize) -> Vec<f32> {
+        let ramp = |k: usize| -> f32 {
+            let x = k as f64 / (overlap + 1) as f64;
+            match self {
+                Window::Linear => x as f32,
+                Window::Hann => (std::f64::consts::FRAC_PI_2 * x).sin().powi(2) as f32,
+                Window::Rect => 1.0,
+            }
+        };
+        (0..chunk)
+            .map(|i| {
+                if i < overlap {
+                    ramp(i + 1)
+                } else if i >= chunk - overlap {
+                    ramp(chunk - i)
+                } else {
+                    1.0
+                }
+            })
+            .collect()
     }
 }
 
@@ -262,18 +318,7 @@ impl Inference {
         let (chunk, hop) = self.chunking(options)?;
         let overlap = chunk - hop;
         let rows = 2 * self.sources().len();
-        let window: Vec<f32> = (0..chunk)
-            .map(|i| {
-                let ramp = (overlap + 1) as f32;
-                if i < overlap {
-                    (i + 1) as f32 / ramp
-                } else if i >= chunk - overlap {
-                    (chunk - i) as f32 / ramp
-                } else {
-                    1.0
-                }
-            })
-            .collect();
+        let window = options.window.weights(chunk, overlap);
         let chunks = if n <= chunk {
             1
         } else {
@@ -421,4 +466,37 @@ impl Inference {
 pub enum OutputFormat {
     F32,
     I16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Window;
+
+    #[test]
+    fn overlapping_fades_sum_to_one_and_never_vanish() {
+        let (chunk, overlap) = (20, 7);
+        let hop = chunk - overlap;
+        for window in [Window::Linear, Window::Hann] {
+            let w = window.weights(chunk, overlap);
+            assert!(w.iter().all(|&x| x > 0.0 && x <= 1.0), "{window:?}: {w:?}");
+            assert!(w[overlap..hop].iter().all(|&x| x == 1.0));
+            // Fall of one chunk plus rise of the next, frame by frame.
+            for i in 0..overlap {
+                let sum = w[hop + i] + w[i];
+                assert!((sum - 1.0).abs() < 1e-6, "{window:?} frame {i}: {sum}");
+            }
+        }
+        let rect = Window::Rect.weights(chunk, overlap);
+        assert!(rect.iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn hann_fade_is_smoother_than_linear_at_its_ends() {
+        let (lin, hann) = (Window::Linear.weights(64, 16), Window::Hann.weights(64, 16));
+        assert!(hann[0] < lin[0] && hann[15] > lin[15]);
+        for name in Window::NAMES {
+            assert!(Window::parse(name).is_some());
+        }
+        assert_eq!(Window::parse("triangle"), None);
+    }
 }
