@@ -151,10 +151,18 @@ fn synth(args: SynthArgs) -> Result<u8, crate::Failure> {
     let config = args.dataset.resolve()?;
     let d = &config.dataset;
     let out = args.out.unwrap_or_else(|| d.root.clone());
+    let tracks = args.tracks.unwrap_or(d.synthetic.tracks);
+    let seconds = args.seconds.unwrap_or(d.synthetic.seconds);
+    if let Some(why) = sepdist_config::synthetic_too_large(tracks, seconds, d.sample_rate) {
+        return Err(crate::Failure {
+            code: crate::EXIT_USAGE,
+            error: anyhow::anyhow!("cannot generate: {why}"),
+        });
+    }
     let summary = sepdist_data::generate(
         &out,
-        args.tracks.unwrap_or(d.synthetic.tracks),
-        args.seconds.unwrap_or(d.synthetic.seconds),
+        tracks,
+        seconds,
         args.seed.unwrap_or(d.synthetic.seed),
         d.sample_rate,
         &d.sources,

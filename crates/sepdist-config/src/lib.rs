@@ -10,7 +10,7 @@ mod validate;
 pub use error::{ConfigError, Origin, RuleViolation};
 pub use load::{ConfigSource, load_file, load_str};
 pub use schema::*;
-pub use validate::validate;
+pub use validate::{MAX_SYNTHETIC_FRAMES, MAX_SYNTHETIC_TRACKS, synthetic_too_large, validate};
 
 impl Config {
     /// The resolved config as YAML, every default filled in.

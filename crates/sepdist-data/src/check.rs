@@ -162,6 +162,10 @@ fn check_track(
             add(&path, ProblemKind::MissingFile);
             continue;
         }
+        if let Some(why) = not_a_wav(&path) {
+            add(&path, ProblemKind::Unreadable(why));
+            continue;
+        }
         let mut nonzero = false;
         let scanned = wav::scan(&path, |l, r| nonzero |= l != 0.0 || r != 0.0);
         match scanned {
@@ -208,12 +212,50 @@ fn check_track(
     }
 }
 
+/// Why a `.wav` file is plainly not a WAV (empty, too short, another format), in words more
+/// useful than the decoder's; `None` when it starts like one.
+fn not_a_wav(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(12);
+    let read = std::fs::File::open(path).and_then(|f| f.take(12).read_to_end(&mut head));
+    if read.is_err() {
+        return None; // The decoder reports the I/O error.
+    }
+    if head.is_empty() {
+        return Some("empty file (0 bytes)".into());
+    }
+    if head.starts_with(b"RIFF") && head.get(8..12).is_none_or(|w| w == b"WAVE") {
+        return (head.len() < 12)
+            .then(|| format!("too short for a WAV header ({} bytes)", head.len()));
+    }
+    let format = if head.starts_with(b"fLaC") {
+        "a FLAC file"
+    } else if head.starts_with(b"ID3")
+        || (head[0] == 0xFF && head.get(1).is_some_and(|b| b & 0xE0 == 0xE0))
+    {
+        "an MP3 file"
+    } else if head.get(4..8) == Some(b"ftyp") {
+        "an MP4/M4A file"
+    } else if head.starts_with(b"OggS") {
+        "an Ogg file"
+    } else if head.starts_with(b"RIFF") {
+        "a RIFF file of another kind"
+    } else {
+        "no RIFF/WAVE header"
+    };
+    Some(format!("not a WAV file ({format}); convert it to WAV"))
+}
+
 fn check_stem_file(
     path: &Path,
     sources: &[String],
     sample_rate: u32,
     add: &mut impl FnMut(&Path, ProblemKind),
 ) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        add(path, ProblemKind::Unreadable("empty file (0 bytes)".into()));
+        return;
+    }
     let mut frames: Vec<(String, usize)> = Vec::new();
     for name in std::iter::once(MIXTURE).chain(sources.iter().map(String::as_str)) {
         match crate::stem::read_stream(path, name, sample_rate) {

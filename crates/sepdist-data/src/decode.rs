@@ -14,7 +14,10 @@ use crate::wav::Stereo;
 use rubato::{
     Resampler, SincFixedIn, SincInterpolationParameters, SincInterpolationType, WindowFunction,
 };
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Once;
 use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::{CODEC_TYPE_NULL, DecoderOptions};
 use symphonia::core::errors::Error as SymphoniaError;
@@ -25,6 +28,9 @@ use symphonia::core::probe::Hint;
 
 /// Frames per resampler call.
 pub const RESAMPLE_BLOCK: usize = 4096;
+
+/// Sample rates of files that are decoded (others are refused as corrupt).
+pub const SOURCE_RATES: std::ops::RangeInclusive<u32> = 1_000..=768_000;
 
 /// A decoded song at the requested rate.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,11 +93,80 @@ impl Trim {
     }
 }
 
+thread_local! {
+    /// Depth of [`contained`] calls on this thread: panics inside are not printed.
+    static CONTAINED: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Runs third-party decoding code (symphonia) on `path`, turning a panic inside it into an
+/// error naming the file: symphonia 0.5 has arithmetic and indexing panics on some malformed
+/// files (found by the fuzz targets in tests/fuzz.rs), and a broken song must be a clean error,
+/// not a crash. The panic message is not printed: a panic hook (installed once, passing every
+/// other panic to the previous hook) stays silent inside this scope.
+pub(crate) fn contained<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CONTAINED.with(Cell::get) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    CONTAINED.with(|c| c.set(c.get() + 1));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(c.get() - 1));
+    result.unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown error".into());
+        Err(invalid(
+            path,
+            format!("cannot decode: malformed file (the decoder failed: {what})"),
+        ))
+    })
+}
+
 /// Probes `path`: its container reader and the ids of its audio tracks in file order.
 pub(crate) fn open_format(
     path: &Path,
 ) -> Result<(Box<dyn symphonia::core::formats::FormatReader>, Vec<u32>)> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    contained(path, || probe(path))
+}
+
+/// Whether the file starts with an ISO-BMFF `ftyp` box (MP4, M4A).
+fn is_mp4(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut head = Vec::with_capacity(8);
+    file.by_ref().take(8).read_to_end(&mut head)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(head.get(4..8) == Some(b"ftyp"))
+}
+
+fn probe(path: &Path) -> Result<(Box<dyn symphonia::core::formats::FormatReader>, Vec<u32>)> {
+    use symphonia::default::formats::{AdtsReader, FlacReader, IsoMp4Reader, MpaReader, WavReader};
+    let io = |e| DataError::io(path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() == 0 {
+        return Err(invalid(path, "empty file (0 bytes)"));
+    }
+    // symphonia's probe scans the whole first MiB for any format's marker, so a damaged file
+    // could be read as an MP4 from wherever the bytes `ftyp` happen to lie, with no bounds
+    // check of its tables. Only a file that starts as an MP4 is read as one, after
+    // `check_bounds` (see mp4.rs); everything else is probed without the MP4 reader.
+    let mut probe = symphonia::core::probe::Probe::default();
+    if is_mp4(&mut file).map_err(io)? {
+        crate::mp4::check_bounds(path)?;
+        probe.register_all::<IsoMp4Reader>();
+    } else {
+        probe.register_all::<AdtsReader>();
+        probe.register_all::<FlacReader>();
+        probe.register_all::<MpaReader>();
+        probe.register_all::<WavReader>();
+        probe.register_all::<symphonia_metadata::id3v2::Id3v2Reader>();
+    }
     let stream = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
@@ -102,7 +177,7 @@ pub(crate) fn open_format(
         enable_gapless: true,
         ..Default::default()
     };
-    let probed = symphonia::default::get_probe()
+    let probed = probe
         .format(&hint, stream, &format_options, &MetadataOptions::default())
         .map_err(|e| symphonia_error(path, e))?;
     let format = probed.format;
@@ -119,6 +194,15 @@ pub(crate) fn open_format(
 /// `None`) of `path` to stereo at `target_rate` Hz, dropping the source frames outside
 /// `trims[track id]` (none when absent).
 pub(crate) fn decode_track(
+    path: &Path,
+    index: Option<usize>,
+    target_rate: u32,
+    trims: &[Trim],
+) -> Result<Decoded> {
+    contained(path, || decode_contained(path, index, target_rate, trims))
+}
+
+fn decode_contained(
     path: &Path,
     index: Option<usize>,
     target_rate: u32,
@@ -151,6 +235,18 @@ pub(crate) fn decode_track(
     let source_rate = params
         .sample_rate
         .ok_or_else(|| invalid(path, "the stream does not give its sample rate"))?;
+    // A corrupt header can claim 1 Hz; resampling that to 44.1 kHz would need buffers of
+    // gigabytes. Real audio lies well inside this range.
+    if !SOURCE_RATES.contains(&source_rate) {
+        return Err(invalid(
+            path,
+            format!(
+                "sample rate {source_rate} Hz is outside the supported {}..={} Hz",
+                SOURCE_RATES.start(),
+                SOURCE_RATES.end()
+            ),
+        ));
+    }
     let mut decoder = symphonia::default::get_codecs()
         .make(&params, &DecoderOptions::default())
         .map_err(|e| symphonia_error(path, e))?;
@@ -163,7 +259,11 @@ pub(crate) fn decode_track(
     let ratio = f64::from(target_rate) / f64::from(source_rate);
     let mut out = Output::new(path, source_rate, target_rate)?;
     if let Some(n) = params.n_frames {
-        // Reserving the final size avoids the transient double buffer of Vec growth.
+        // Reserving the final size avoids the transient double buffer of Vec growth. The count
+        // comes from the header, so it is believed only up to 16 frames per byte of file (more
+        // than AAC or MP3 reach): a corrupt one must not reserve gigabytes.
+        let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
+        let n = n.min(file_len.saturating_mul(16));
         let expected = (n as f64 * ratio).ceil() as usize + RESAMPLE_BLOCK;
         out.audio.left.reserve(expected);
         out.audio.right.reserve(expected);

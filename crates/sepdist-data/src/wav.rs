@@ -164,10 +164,31 @@ pub fn read_segment_into(
     .map_err(|(_, e)| DataError::wav(path, e))
 }
 
-/// Reads a whole file (for evaluation and tests; training reads segments).
+/// Reads a whole file (for evaluation and tests; training reads segments). A header that
+/// promises more frames than the file can hold is refused before anything is allocated (a
+/// corrupt data chunk size could otherwise reserve gigabytes).
 pub fn read(path: &Path, expected_rate: Option<u32>) -> Result<Stereo> {
-    let frames = info(path)?.frames;
-    read_segment(path, 0, frames, expected_rate)
+    let (_, info) = open(path, expected_rate)?;
+    let most = frames_in_file(path, &info)?;
+    if info.frames > most {
+        return Err(DataError::Invalid {
+            path: path.to_path_buf(),
+            what: format!(
+                "truncated or corrupt WAV: the header promises {} frames, the file holds at most {most}",
+                info.frames
+            ),
+        });
+    }
+    read_segment(path, 0, info.frames, expected_rate)
+}
+
+/// An upper bound on the frames the file can hold: its size over the smallest frame size.
+fn frames_in_file(path: &Path, info: &WavInfo) -> Result<usize> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| DataError::io(path, e))?
+        .len();
+    let frame = u64::from(info.channels) * u64::from(info.bits_per_sample.div_ceil(8));
+    Ok(usize::try_from(bytes / frame.max(1)).unwrap_or(usize::MAX))
 }
 
 fn seek(path: &Path, reader: &mut Reader, info: &WavInfo, start: usize) -> hound::Result<()> {
