@@ -50,6 +50,15 @@ complete() {
 
 if ! complete; then
     PY=${PYTHON:-$(command -v python3 || command -v python || true)}
+    if [[ -z ${PYTHON:-} ]] && { [[ -z $PY ]] || ! "$PY" -m pip --version >/dev/null 2>&1; } \
+        && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        # Fresh Debian/Ubuntu (CI): pip from the distribution. `pip install --target` is not
+        # subject to PEP 668's externally-managed-environment refusal.
+        echo "install-cuda-toolkit.sh: installing python3-pip" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null; }
+        PY=$(command -v python3 || true)
+    fi
     if [[ -z $PY ]] || ! "$PY" -m pip --version >/dev/null 2>&1; then
         echo "install-cuda-toolkit.sh: need python3 with pip (Debian: apt-get install python3-pip; or set PYTHON)" >&2
         exit 1

@@ -7,10 +7,13 @@
 //! - [`Local`]: world size 1; every collective is a copy or a no-op.
 //! - [`Threads`]: N ranks inside one process (one thread each), for fast multi-rank tests.
 //! - `Mpi` (cargo feature `mpi`, rsmpi): one rank per process under `mpirun`/`srun --mpi=pmix`.
+//! - `Nccl` (cargo feature `nccl`, through candle's re-exported cudarc; implies `mpi`): one rank
+//!   per GPU, bootstrapped over MPI; fp32 collectives through NCCL, the rest through MPI.
 //!
-//! **Host buffers.** Every buffer of this trait is host (CPU) memory: `&[f32]`, `Vec<u8>`. A
-//! device backend (NCCL on CUDA buffers) will come as a separate trait or extension; nothing here
-//! assumes the gradients live on the host except these signatures.
+//! **Host buffers.** Every buffer of this trait is host (CPU) memory: `&[f32]`, `Vec<u8>`. The
+//! NCCL backend stages them through device memory (copy in, collective, copy out); collectives on
+//! device buffers will come as a separate trait or extension once the trainer keeps its gradients
+//! on the GPU; nothing here assumes the gradients live on the host except these signatures.
 //!
 //! **Deadlines.** Every collective has a deadline fixed at construction (`distributed.timeout_s`).
 //! On expiry it returns [`CommError::Timeout`] naming the collective instead of hanging; the group
@@ -30,6 +33,8 @@ mod topology;
 
 #[cfg(feature = "mpi")]
 mod mpi_backend;
+#[cfg(feature = "nccl")]
+mod nccl_backend;
 
 use std::time::Duration;
 
@@ -41,12 +46,21 @@ pub use topology::{EnvReader, Launcher, Topology};
 
 #[cfg(feature = "mpi")]
 pub use mpi_backend::{Mpi, MpiThreading};
+#[cfg(feature = "nccl")]
+pub use nccl_backend::Nccl;
 
 /// Default deadline of a collective (`distributed.timeout_s`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Whether this build contains the MPI backend (cargo feature `mpi`).
 pub const MPI_COMPILED: bool = cfg!(feature = "mpi");
+
+/// Whether this build contains the NCCL backend (cargo feature `nccl`).
+pub const NCCL_COMPILED: bool = cfg!(feature = "nccl");
+
+/// What to tell a user who asks for NCCL from a build without it.
+pub const NCCL_NOT_COMPILED: &str =
+    "this build has no NCCL; build with launch/build-cuda.sh --features nccl";
 
 /// A group of ranks that run collectives together over host buffers.
 ///
@@ -62,7 +76,7 @@ pub trait Communicator: Send {
     /// Where this rank sits (local rank chooses the GPU) and what launched it.
     fn topology(&self) -> Topology;
 
-    /// Backend name (`local`, `threads`, `mpi`), for logs.
+    /// Backend name (`local`, `threads`, `mpi`, `nccl`), for logs.
     fn backend_name(&self) -> &'static str;
 
     /// The deadline of every collective.
@@ -127,8 +141,7 @@ pub trait PendingReduce: Send {
     }
 }
 
-/// Which backend [`init`] builds (`distributed.backend` in the config, less `nccl` which needs
-/// device buffers and lives elsewhere).
+/// Which backend [`init`] builds (`distributed.backend` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
     /// MPI when the launcher environment describes more than one rank, else [`Local`].
@@ -138,12 +151,18 @@ pub enum Backend {
     Mpi,
     /// [`Local`]: world size 1, no communication.
     None,
+    /// NCCL on the GPU of each rank's local rank, bootstrapped over MPI (also a singleton run).
+    /// Only in builds with the `nccl` feature ([`NCCL_COMPILED`]).
+    #[cfg(feature = "nccl")]
+    Nccl,
 }
 
 /// Builds the communicator for this process from the launcher environment.
 ///
 /// - [`Backend::None`] builds [`Local`].
 /// - [`Backend::Mpi`] builds MPI (initialised once per process), checked against SLURM.
+/// - `Backend::Nccl` (feature `nccl`) builds MPI, then NCCL on the GPU of this process's local
+///   rank (see `Nccl`).
 /// - [`Backend::Auto`] builds MPI when the environment ([`Topology::from_env`]) describes more than one
 ///   rank, else [`Local`]. Built without `mpi`, a multi-rank environment is an error
 ///   ([`CommError::NotBuiltWithMpi`]) rather than N independent copies of the job.
@@ -160,6 +179,8 @@ pub fn init_with_env(
     match backend {
         Backend::None => Ok(Box::new(Local::new(timeout))),
         Backend::Mpi => init_mpi(timeout, env),
+        #[cfg(feature = "nccl")]
+        Backend::Nccl => Ok(Box::new(Nccl::init_with_env(timeout, env)?)),
         Backend::Auto => {
             let from_env = Topology::from_env_with(env)?;
             if from_env.world_size > 1 || topology::slurm_tasks(env)?.is_some_and(|(_, n)| n > 1) {
@@ -184,6 +205,25 @@ fn init_mpi(timeout: Duration, env: EnvReader<'_>) -> Result<Box<dyn Communicato
 #[cfg(not(feature = "mpi"))]
 fn init_mpi(_timeout: Duration, _env: EnvReader<'_>) -> Result<Box<dyn Communicator>> {
     Err(CommError::MpiNotCompiled)
+}
+
+/// The GPU that the process with this local rank uses, given the number of GPUs it sees.
+///
+/// One visible GPU is used whatever the local rank (the launcher gave each rank its own GPU
+/// through `CUDA_VISIBLE_DEVICES`, e.g. `srun --gpus-per-task=1`); otherwise local rank `r` takes
+/// GPU `r`, and a node with more ranks than GPUs is an error (NCCL refuses two ranks on one GPU).
+pub fn gpu_for_local_rank(local_rank: usize, visible: usize) -> std::result::Result<usize, String> {
+    match visible {
+        0 => {
+            Err("no CUDA device is visible (driver missing, or CUDA_VISIBLE_DEVICES empty)".into())
+        }
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => Err(format!(
+            "local rank {local_rank} needs GPU {local_rank} but only {n} are visible: start at \
+             most {n} ranks per node (NCCL needs one GPU per rank)"
+        )),
+    }
 }
 
 /// Length checks shared by the backends.
@@ -234,3 +274,28 @@ pub(crate) fn check_root(collective: CollectiveKind, root: usize, world_size: us
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod gpu_choice_tests {
+    use super::*;
+
+    #[test]
+    fn gpu_follows_the_local_rank() {
+        assert_eq!(gpu_for_local_rank(0, 8), Ok(0));
+        assert_eq!(gpu_for_local_rank(7, 8), Ok(7));
+        // One visible GPU per rank (CUDA_VISIBLE_DEVICES set by the launcher).
+        assert_eq!(gpu_for_local_rank(3, 1), Ok(0));
+        let e = gpu_for_local_rank(4, 4).unwrap_err();
+        assert!(e.contains("local rank 4") && e.contains("only 4"), "{e}");
+        let e = gpu_for_local_rank(0, 0).unwrap_err();
+        assert!(e.contains("no CUDA device"), "{e}");
+    }
+
+    #[test]
+    fn nccl_availability_is_reported() {
+        assert_eq!(NCCL_COMPILED, cfg!(feature = "nccl"));
+        // The nccl feature builds on MPI for its bootstrap.
+        const { assert!(!NCCL_COMPILED || MPI_COMPILED) };
+        assert!(NCCL_NOT_COMPILED.contains("launch/build-cuda.sh --features nccl"));
+    }
+}
