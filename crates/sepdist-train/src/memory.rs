@@ -84,12 +84,92 @@ impl Phase {
     }
 }
 
-/// Heap peaks per phase since the start of training.
+/// Heap peaks per phase since the start of training, the same for the current optimizer step,
+/// and the activation levels of the engine's micro-batches.
+///
+/// Phases nest: [`MemoryMeter::phase`] runs a closure as a phase and returns to the enclosing
+/// one; the engine's probe ([`MemoryMeter::probe`]) switches between forward and backward
+/// inside the trainer's compute phase. Each switch folds the allocator's peak since the
+/// previous switch into the phase that was running, then lowers the allocator's peak to the
+/// current value.
 pub struct MemoryMeter {
     heap: &'static dyn HeapCounter,
     /// Phases reset the allocator's peak; the lifetime peak is kept here.
     lifetime_peak: AtomicUsize,
-    phase_peaks: Mutex<BTreeMap<Phase, usize>>,
+    state: Mutex<MeterState>,
+}
+
+#[derive(Debug, Default)]
+struct MeterState {
+    current: Option<Phase>,
+    phase_peaks: BTreeMap<Phase, usize>,
+    step: StepMemory,
+    /// Heap at the current micro-batch's `ForwardStart`.
+    forward_start: usize,
+    /// Between a `ForwardStart` and the end of its micro-batch.
+    in_micro: bool,
+    /// Highest heap since that `ForwardStart` (forward and backward).
+    micro_peak: usize,
+    /// The figures of the first two steps taken.
+    first: Vec<StepMemory>,
+    /// Heap when the running phase began.
+    phase_start: usize,
+}
+
+/// Memory figures of one optimizer step (heap bytes), written to `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct StepMemory {
+    /// Highest heap during the forward of any micro-batch (context, blocks, head, loss).
+    pub mem_peak_forward: usize,
+    /// Highest heap during the backward (including gradient buckets started meanwhile).
+    pub mem_peak_backward: usize,
+    /// Highest heap while the gradients were reduced (bucket waits, ZeRO-2 reduce-scatter).
+    pub mem_peak_communication: usize,
+    /// Highest heap in the optimizer phase (AdamW, ZeRO's parameter all-gather).
+    pub mem_peak_optimizer: usize,
+    /// Heap when the first micro-batch's forward started: parameters, gradients, optimizer
+    /// state, the batch and everything else that outlives a micro-batch.
+    pub mem_step_start: usize,
+    /// Activations kept for the backward: heap when the loss is computed minus heap at the
+    /// forward's start (largest over the micro-batches).
+    pub mem_activations_kept: usize,
+    /// Peak activation memory: the micro-batch's highest heap (forward or backward) minus
+    /// heap at its forward's start (largest over the micro-batches).
+    pub mem_activations_peak: usize,
+    /// Communication buffers: the largest of what a micro-batch left allocated above its
+    /// start (gradient buckets in flight) and the rises of the communication and optimizer
+    /// phases above their start (reduce-scatter, all-gather, copies).
+    pub mem_communication_buffers: usize,
+}
+
+impl MeterState {
+    fn fold(&mut self, peak: usize) {
+        let Some(p) = self.current else {
+            return;
+        };
+        if matches!(p, Phase::Communication | Phase::Optimizer) {
+            let rise = peak.saturating_sub(self.phase_start);
+            let c = &mut self.step.mem_communication_buffers;
+            *c = (*c).max(rise);
+        }
+        let entry = self.phase_peaks.entry(p).or_insert(0);
+        *entry = (*entry).max(peak);
+        let step = match p {
+            Phase::Forward => Some(&mut self.step.mem_peak_forward),
+            Phase::Backward => Some(&mut self.step.mem_peak_backward),
+            Phase::Communication => Some(&mut self.step.mem_peak_communication),
+            Phase::Optimizer => Some(&mut self.step.mem_peak_optimizer),
+            _ => None,
+        };
+        if let Some(v) = step {
+            *v = (*v).max(peak);
+        }
+        if self.in_micro && matches!(p, Phase::Forward | Phase::Backward) {
+            self.micro_peak = self.micro_peak.max(peak);
+            let above = self.micro_peak.saturating_sub(self.forward_start);
+            self.step.mem_activations_peak = self.step.mem_activations_peak.max(above);
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryMeter {
@@ -117,25 +197,101 @@ impl MemoryMeter {
         Self {
             heap,
             lifetime_peak: AtomicUsize::new(heap.peak()),
-            phase_peaks: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(MeterState::default()),
         }
     }
 
-    /// Runs `f` as `phase`, recording the heap peak reached inside it.
-    pub fn phase<T>(&self, phase: Phase, f: impl FnOnce() -> T) -> T {
-        self.lifetime_peak
-            .fetch_max(self.heap.peak(), Ordering::Relaxed);
+    fn state(&self) -> std::sync::MutexGuard<'_, MeterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Folds the peak since the last switch into the running phase and makes `next` run.
+    fn switch(&self, state: &mut MeterState, next: Option<Phase>) {
+        let peak = self.heap.peak();
+        self.lifetime_peak.fetch_max(peak, Ordering::Relaxed);
+        state.fold(peak);
         self.heap.reset_peak();
+        let now = self.heap.current();
+        let engine_phase = |p: Option<Phase>| matches!(p, Some(Phase::Forward | Phase::Backward));
+        if state.current == Some(Phase::Backward) && !engine_phase(next) {
+            // The micro-batch is over: what it left above its start are buffers in flight.
+            if state.in_micro {
+                let c = &mut state.step.mem_communication_buffers;
+                *c = (*c).max(now.saturating_sub(state.forward_start));
+            }
+            state.in_micro = false;
+        }
+        state.current = next;
+        state.phase_start = now;
+    }
+
+    /// Runs `f` as `phase`, recording the heap peak reached inside it; the enclosing phase
+    /// resumes afterwards.
+    pub fn phase<T>(&self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let previous = {
+            let mut st = self.state();
+            let previous = st.current;
+            self.switch(&mut st, Some(phase));
+            previous
+        };
         let out = f();
-        let inside = self.heap.peak();
-        self.lifetime_peak.fetch_max(inside, Ordering::Relaxed);
-        let mut peaks = self
-            .phase_peaks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let entry = peaks.entry(phase).or_insert(0);
-        *entry = (*entry).max(inside);
+        let mut st = self.state();
+        self.switch(&mut st, previous);
         out
+    }
+
+    /// The engine's events switch between the forward and backward phases and record the
+    /// activation levels.
+    pub fn engine_event(&self, event: crate::engine::EngineEvent) {
+        use crate::engine::EngineEvent;
+        let mut st = self.state();
+        match event {
+            EngineEvent::ForwardStart => {
+                self.switch(&mut st, Some(Phase::Forward));
+                let now = self.heap.current();
+                st.forward_start = now;
+                st.micro_peak = now;
+                st.in_micro = true;
+                if st.step.mem_step_start == 0 {
+                    st.step.mem_step_start = now;
+                }
+            }
+            EngineEvent::BackwardStart => {
+                let kept = self.heap.current().saturating_sub(st.forward_start);
+                st.step.mem_activations_kept = st.step.mem_activations_kept.max(kept);
+                self.switch(&mut st, Some(Phase::Backward));
+            }
+            EngineEvent::BlockForward(_) | EngineEvent::BlockBackward(_) => {}
+        }
+    }
+
+    /// A probe for [`crate::engine::Engine::set_probe`] that reports to this meter.
+    pub fn probe(self: &std::sync::Arc<Self>) -> crate::engine::EngineProbe {
+        let meter = std::sync::Arc::clone(self);
+        std::sync::Arc::new(move |event| meter.engine_event(event))
+    }
+
+    /// This step's figures; starts the next step's.
+    pub fn take_step(&self) -> StepMemory {
+        let mut st = self.state();
+        let step = std::mem::take(&mut st.step);
+        if st.first.len() < 2 {
+            st.first.push(step);
+        }
+        step
+    }
+
+    /// The step the memory report describes, as (0-based index, figures): the second step,
+    /// where gemm's packing slabs exist before the forward starts (the first step allocates
+    /// them inside its forward), or the first if there was only one (the current step's
+    /// figures before any step was taken).
+    pub fn reported_step(&self) -> (usize, StepMemory) {
+        let st = self.state();
+        match st.first.as_slice() {
+            [] => (0, st.step),
+            [one] => (0, *one),
+            [_, two, ..] => (1, *two),
+        }
     }
 
     pub fn snapshot(&self) -> MemorySnapshot {
@@ -153,13 +309,160 @@ impl MemoryMeter {
 
     /// Peak heap bytes per phase so far, by phase name.
     pub fn phase_peaks(&self) -> BTreeMap<&'static str, usize> {
-        self.phase_peaks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.name(), *v))
-            .collect()
+        let mut st = self.state();
+        // Include the phase running now.
+        let peak = self.heap.peak();
+        st.fold(peak);
+        st.phase_peaks.iter().map(|(k, v)| (k.name(), *v)).collect()
     }
+}
+
+/// Bytes of the trainer's buffers of known size on this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KnownBuffers {
+    /// Parameters as `Var`s plus the flat master copy.
+    pub parameters: usize,
+    /// Flat gradient (and ZeRO-2's shard scratch).
+    pub gradients: usize,
+    /// AdamW moments (and the EMA weights).
+    pub optimizer: usize,
+    /// Batches: the one in use (vectors and tensors) and the loader's prefetched ones.
+    pub data: usize,
+}
+
+/// `sepdist train --memory-report`: the measured breakdown of this rank's heap next to the
+/// plan's prediction. `known` describes the step of [`MemoryMeter::reported_step`].
+pub fn report(
+    meter: &MemoryMeter,
+    known: &KnownBuffers,
+    predicted: Option<&crate::plan::Prediction>,
+) -> String {
+    use crate::plan::format_bytes;
+    use std::fmt::Write as _;
+    let (index, f) = meter.reported_step();
+    let snap = meter.snapshot();
+    let peaks = meter.phase_peaks();
+    let persistent = known.parameters + known.gradients + known.optimizer + known.data;
+    let other = f.mem_step_start.saturating_sub(persistent);
+    let transient = f
+        .mem_activations_peak
+        .saturating_sub(f.mem_activations_kept);
+    let p = predicted;
+    let rows: Vec<(&str, usize, Option<u64>, &str)> = vec![
+        (
+            "parameters",
+            known.parameters,
+            p.map(|p| p.parameters),
+            "Vars + flat fp32 master copy",
+        ),
+        (
+            "gradients",
+            known.gradients,
+            p.map(|p| p.gradients),
+            "flat fp32 gradient",
+        ),
+        (
+            "optimizer state",
+            known.optimizer,
+            p.map(|p| p.optimizer),
+            "AdamW m and v (and EMA)",
+        ),
+        (
+            "data buffers",
+            known.data,
+            p.map(|p| p.data),
+            "batch + prefetch",
+        ),
+        (
+            "other",
+            other,
+            p.map(|p| p.runtime),
+            "measured: the rest at the forward's start; predicted: gemm slabs",
+        ),
+        (
+            "  = heap at step start",
+            f.mem_step_start,
+            p.map(|p| p.persistent() + p.data),
+            "",
+        ),
+        (
+            "activations kept",
+            f.mem_activations_kept,
+            p.map(|p| p.activations),
+            "at the backward's start",
+        ),
+        (
+            "transient working set",
+            transient,
+            p.map(|p| p.transient),
+            "forward/backward peak above the kept activations",
+        ),
+        (
+            "communication buffers",
+            f.mem_communication_buffers,
+            p.map(|p| p.communication.max(p.optimizer_buffers)),
+            "buckets in flight, reduce-scatter, all-gather, optimizer copies",
+        ),
+        (
+            "peak allocated",
+            snap.peak_allocated,
+            p.map(|p| p.peak),
+            "lifetime high-water mark",
+        ),
+    ];
+    let mut out = format!(
+        "memory report (this rank's heap by the counting allocator, figures of optimizer step {}; \
+         1 GB = 10^9 bytes)\n",
+        index + 1
+    );
+    let _ = writeln!(
+        out,
+        "  {:<24} {:>12} {:>12} {:>8}",
+        "", "measured", "predicted", "error"
+    );
+    for (name, m, pr, note) in rows {
+        let (pred, err) = match pr {
+            Some(v) if v > 0 => (
+                format_bytes(v),
+                format!("{:+.1}%", (m as f64 - v as f64) / v as f64 * 100.0),
+            ),
+            Some(v) => (format_bytes(v), String::new()),
+            None => ("-".into(), String::new()),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>12} {:>12} {:>8}  {}",
+            name,
+            format_bytes(m as u64),
+            pred,
+            err,
+            note
+        );
+    }
+    let phase = |name: &str| peaks.get(name).copied().unwrap_or(0) as u64;
+    let _ = write!(out, "  phase peaks (measured / predicted):");
+    for (name, pred) in [
+        ("forward", p.map(|p| p.forward_peak)),
+        ("backward", p.map(|p| p.backward_peak)),
+        ("communication", p.map(|p| p.communication_peak)),
+        ("optimizer", p.map(|p| p.optimizer_peak)),
+    ] {
+        let _ = write!(
+            out,
+            " {name} {} / {};",
+            format_bytes(phase(name)),
+            pred.map_or("-".into(), format_bytes)
+        );
+    }
+    out.push('\n');
+    if let Some(p) = p {
+        let _ = writeln!(
+            out,
+            "  predicted peak in the {} phase ({})",
+            p.peak_phase, p.peak_at
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -212,6 +515,43 @@ mod tests {
         let snap = meter.snapshot();
         assert_eq!(snap.allocated, 700);
         assert_eq!(snap.peak_allocated, 900);
+    }
+
+    #[test]
+    fn engine_events_split_forward_and_backward_and_measure_the_activations() {
+        use crate::engine::EngineEvent;
+        let heap: &'static Scripted = Box::leak(Box::default());
+        let meter = std::sync::Arc::new(MemoryMeter::new(heap));
+        let probe = meter.probe();
+        heap.set(1000); // parameters, gradients, optimizer state, batch
+        meter.phase(Phase::Backward, || {
+            probe(EngineEvent::ForwardStart);
+            heap.set(1500);
+            heap.set(1400);
+            probe(EngineEvent::BackwardStart); // 400 kept
+            heap.set(1900);
+            heap.set(1050); // 50 left: a gradient bucket in flight
+        });
+        meter.phase(Phase::Communication, || {
+            heap.set(1200);
+            heap.set(1000);
+        });
+        meter.phase(Phase::Optimizer, || heap.set(1100));
+        let step = meter.take_step();
+        assert_eq!(step.mem_peak_forward, 1500);
+        assert_eq!(step.mem_peak_backward, 1900);
+        assert_eq!(step.mem_peak_communication, 1200);
+        assert_eq!(step.mem_step_start, 1000);
+        assert_eq!(step.mem_activations_kept, 400);
+        assert_eq!(step.mem_activations_peak, 900);
+        // Rises: 50 in flight, 150 in the communication phase, 50 in the optimizer's.
+        assert_eq!(step.mem_communication_buffers, 150);
+        assert_eq!(meter.reported_step(), (0, step));
+        assert_eq!(
+            meter.take_step(),
+            StepMemory::default(),
+            "a new step starts empty"
+        );
     }
 
     #[test]

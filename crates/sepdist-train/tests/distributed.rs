@@ -85,6 +85,7 @@ fn request(cfg: Config, resume: Option<&str>) -> TrainRequest {
         stop: Arc::new(AtomicUsize::new(0)),
         terminal: false,
         hooks: TestHooks::default(),
+        memory_report: false,
     }
 }
 

@@ -1,0 +1,575 @@
+//! `sepdist plan`: per-rank memory and relative step time predicted from a config, for the
+//! configured setting and its alternatives; `--fit` picks the fastest setting that fits.
+
+use clap::Args;
+use sepdist_config::load_file;
+use sepdist_train::plan::{
+    DeviceKind, DeviceSpec, Fit, Planner, Prediction, Setting, cpu_threads, format_bytes,
+    parse_bytes, precision_name,
+};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// Exit code of `sepdist plan --fit` when no setting fits the budget.
+pub const EXIT_NO_FIT: u8 = 3;
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "\
+Memory is predicted per rank without allocating anything: buffers of known size (parameters \
+as Vars plus the flat fp32 master copy, the flat gradient, AdamW moments over this rank's \
+shard, batches, communication buffers of the ZeRO stage) plus the activations, found by \
+replaying the micro-batch's tensors op by op with the rules by which candle allocates, keeps \
+and frees them (keep or recompute per block).
+
+Relative step time: model FLOPs of the step × (3 + r)/3 at the device's peak, r the forward \
+FLOPs recomputed by activation checkpointing as a fraction of the forward, plus the bytes \
+each rank sends (ring all-reduce 2(W-1)/W·4n, reduce-scatter and all-gather (W-1)/W·4n each; \
+ZeRO-3 gathers twice and reduce-scatters once per micro-batch) at the device's link \
+bandwidth, not overlapped. Among equal times the larger micro-batch is preferred.
+
+Exit codes: 0, or with --fit 0 when a setting fits and 3 when none does (the message says how \
+much is missing and which setting gets closest); 2 for usage or configuration errors.")]
+pub struct PlanArgs {
+    /// YAML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set training.batch_size=2.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Ranks (one device each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub world_size: usize,
+    /// Memory per rank, e.g. 97GB, 24GB, 80GiB (default: the device's capacity).
+    #[arg(long, value_name = "SIZE")]
+    pub budget: Option<String>,
+    /// Device: h200 (141 GB), rtx-pro-6000 (97.9 GB, the originating guide's card) or cpu
+    /// (MemAvailable of this machine).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Choose the fastest predicted setting that fits the budget, keeping the effective batch
+    /// (micro-batch × accumulation × world size); prints it as --set overrides.
+    #[arg(long)]
+    pub fit: bool,
+    /// Effective batch to keep with --fit (default: the config's batch_size ×
+    /// gradient_accumulation_steps × world size).
+    #[arg(long, value_name = "N")]
+    pub effective_batch: Option<usize>,
+    /// With --fit: write the fitted config (YAML) to FILE.
+    #[arg(long, value_name = "FILE", requires = "fit")]
+    pub write: Option<PathBuf>,
+}
+
+pub fn run(args: PlanArgs) -> Result<u8, crate::Failure> {
+    let usage = |m: String| crate::Failure {
+        code: crate::EXIT_USAGE,
+        error: anyhow::anyhow!(m),
+    };
+    let config = load_file(&args.config, &args.overrides)?;
+    let kind = DeviceKind::parse(&args.device).map_err(usage)?;
+    let device = DeviceSpec::new(kind, cpu_threads());
+    let budget = match &args.budget {
+        Some(b) => parse_bytes(b).map_err(|e| usage(format!("--budget: {e}")))?,
+        None => device.capacity,
+    };
+    let planner = Planner::new(&config, args.world_size, device)
+        .map_err(|e| usage(format!("{}: {e}", args.config.display())))?;
+    let mut out = header(&planner, &args, budget);
+    if args.fit {
+        let base = planner.configured();
+        let effective = args
+            .effective_batch
+            .unwrap_or_else(|| base.micro_batch * base.accumulation * planner.world);
+        let fit = planner
+            .fit(effective, budget)
+            .map_err(|e| usage(e.to_string()))?;
+        let code = fit_text(&planner, &fit, effective, budget, &args, &mut out)?;
+        print!("{out}");
+        return Ok(code);
+    }
+    let configured = planner.predict(&planner.configured());
+    breakdown(&planner, &configured, budget, &mut out);
+    alternatives(&planner, &configured, budget, &mut out);
+    print!("{out}");
+    Ok(0)
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn flops(x: f64) -> String {
+    for (scale, unit) in [
+        (1e15, "PFLOP"),
+        (1e12, "TFLOP"),
+        (1e9, "GFLOP"),
+        (1e6, "MFLOP"),
+    ] {
+        if x >= scale {
+            return format!("{:.2} {unit}", x / scale);
+        }
+    }
+    format!("{x:.0} FLOP")
+}
+
+fn header(p: &Planner, args: &PlanArgs, budget: u64) -> String {
+    let c = &p.cfg;
+    let m = &c.model;
+    let base = p.predict(&p.configured());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "plan: {} on {} × {} ({}); budget {} per rank (1 GB = 10^9 bytes)",
+        args.config.display(),
+        p.world,
+        p.device.kind.name(),
+        p.device.capacity_note,
+        format_bytes(budget)
+    );
+    let _ = writeln!(
+        out,
+        "model: {} parameters ({} in fp32); {} layers of (time, band) transformers, width {}, {} heads, FFN {:?}; {} sources",
+        thousands(base.params),
+        format_bytes(base.params * 4),
+        m.n_layers,
+        m.emb_dim,
+        m.n_heads,
+        m.ffn_hidden_dim,
+        c.dataset.sources.len()
+    );
+    let g = base.setting.micro_batch * base.setting.accumulation * p.world;
+    let _ = writeln!(
+        out,
+        "FLOPs: {} forward per sample ({} forward+backward); {} per optimizer step (effective batch {g} = {} × {} × {})",
+        flops(base.flops_per_sample),
+        flops(3.0 * base.flops_per_sample),
+        flops(base.flops_per_step),
+        base.setting.micro_batch,
+        base.setting.accumulation,
+        p.world
+    );
+    let _ = writeln!(
+        out,
+        "shapes: {} samples ({:.2} s) = {} frames × {} bands; one [B, T, K, D] activation of the micro-batch ({}) = {}",
+        c.dataset.segment_length,
+        c.dataset.segment_length as f64 / f64::from(c.dataset.sample_rate.max(1)),
+        m.frames(c.dataset.segment_length),
+        m.bands.widths().len(),
+        base.setting.micro_batch,
+        format_bytes(base.unit)
+    );
+    out
+}
+
+fn note(p: &Prediction) -> &'static str {
+    if p.implemented { "" } else { "*" }
+}
+
+/// Where the memory goes, for one setting.
+fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
+    let sr = p.cfg.dataset.sample_rate;
+    let _ = writeln!(
+        out,
+        "\nper rank, {}{}: predicted peak {} in the {} phase ({})",
+        pr.setting.describe(sr),
+        note(pr),
+        format_bytes(pr.peak),
+        pr.peak_phase,
+        pr.peak_at
+    );
+    let row = |out: &mut String, name: &str, b: u64, what: String| {
+        let _ = writeln!(out, "  {name:<24}{:>11}   {what}", format_bytes(b));
+    };
+    let stage = pr.setting.zero_stage;
+    row(
+        out,
+        "parameters",
+        pr.parameters,
+        if stage >= 3 {
+            "fp32 master shard + one gathered block (ZeRO-3 design)".into()
+        } else {
+            "weights as Vars + the trainer's flat fp32 master copy".into()
+        },
+    );
+    row(
+        out,
+        "gradients",
+        pr.gradients,
+        match stage {
+            3.. => "fp32 shard + one block's full gradient (ZeRO-3 design)".into(),
+            2 if p.world > 1 => {
+                "flat fp32 gradient (kept whole: the backward accumulates into it) + shard".into()
+            }
+            _ => "flat fp32 gradient".into(),
+        },
+    );
+    row(
+        out,
+        "optimizer state",
+        pr.optimizer,
+        format!(
+            "AdamW m and v, fp32, over {} the flat vector{}",
+            if stage >= 1 && p.world > 1 {
+                format!("1/{} of", p.world)
+            } else {
+                "all of".to_string()
+            },
+            if p.cfg.training.ema.is_some() {
+                ", and the EMA weights"
+            } else {
+                ""
+            }
+        ),
+    );
+    row(
+        out,
+        "data buffers",
+        pr.data,
+        if p.device.kind.is_gpu() {
+            "the micro-batch's mixture and stems tensors".into()
+        } else {
+            "the batch in use (vectors and tensors) and the prefetched ones".into()
+        },
+    );
+    if pr.runtime > 0 {
+        row(
+            out,
+            "runtime",
+            pr.runtime,
+            format!(
+                "gemm's per-thread packing slabs (one L2 cache each, {} threads)",
+                p.device.threads
+            ),
+        );
+    }
+    let blocks: u64 = pr.kept_per_block.iter().map(|(_, b)| b).sum();
+    let context = pr.activations.saturating_sub(blocks + pr.head_and_loss);
+    row(
+        out,
+        "activations kept",
+        pr.activations,
+        format!(
+            "at the backward's start ({})",
+            if pr.setting.checkpointing {
+                "checkpointing: only block inputs"
+            } else {
+                "every block's graph"
+            }
+        ),
+    );
+    let _ = writeln!(
+        out,
+        "  {:<24}{:>11}     · mixture STFT and RoPE tables",
+        "",
+        format_bytes(context)
+    );
+    let mut by_kind: Vec<(String, u64, usize)> = Vec::new();
+    for (name, b) in &pr.kept_per_block {
+        let kind = if name.ends_with(".time") {
+            "time transformer"
+        } else if name.ends_with(".band") {
+            "band transformer"
+        } else {
+            name.as_str()
+        };
+        match by_kind.iter_mut().find(|(k, _, _)| k == kind) {
+            Some(e) => {
+                e.1 += b;
+                e.2 += 1;
+            }
+            None => by_kind.push((kind.to_string(), *b, 1)),
+        }
+    }
+    for (kind, b, count) in by_kind {
+        let each = if count > 1 {
+            format!(" ({count} × {})", format_bytes(b / count as u64))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {:<24}{:>11}     · {kind}{each}",
+            "",
+            format_bytes(b)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<24}{:>11}     · head (mask estimators, iSTFT) and loss graphs",
+        "",
+        format_bytes(pr.head_and_loss)
+    );
+    row(
+        out,
+        "transient working set",
+        pr.transient,
+        "highest forward/backward working set above the kept activations".into(),
+    );
+    row(
+        out,
+        "communication buffers",
+        pr.communication,
+        if p.world == 1 {
+            "one rank: none".into()
+        } else {
+            match stage {
+                0 | 1 => format!(
+                    "every bucket's send and receive copy is in flight at the backward's end (buckets of {} MB)",
+                    p.cfg.distributed.bucket_size_mb
+                ),
+                2 => "reduce-scatter: a send copy of the gradient and the shard received".into(),
+                _ => "one block's all-gather and reduce-scatter (ZeRO-3 design)".into(),
+            }
+        },
+    );
+    let verdict = if pr.peak <= budget {
+        format!(
+            "fits {} ({} spare)",
+            format_bytes(budget),
+            format_bytes(budget - pr.peak)
+        )
+    } else {
+        format!(
+            "does not fit {} (short by {})",
+            format_bytes(budget),
+            format_bytes(pr.peak - budget)
+        )
+    };
+    let _ = writeln!(
+        out,
+        "  {:<24}{:>11}   {verdict}",
+        "peak",
+        format_bytes(pr.peak)
+    );
+    let _ = writeln!(
+        out,
+        "  phase peaks: forward {}, backward {}, communication {}, optimizer {}",
+        format_bytes(pr.forward_peak),
+        format_bytes(pr.backward_peak),
+        format_bytes(pr.communication_peak),
+        format_bytes(pr.optimizer_peak)
+    );
+}
+
+fn table_row(
+    out: &mut String,
+    p: &Planner,
+    label: &str,
+    pr: &Prediction,
+    base_s: f64,
+    budget: u64,
+) {
+    let s = &pr.setting;
+    let _ = writeln!(
+        out,
+        "  {:<38} {:>9}  {:<4} {:>4}  {:>6.1} s  {:<4}  {:>10}  {:<4}  {:>5.2}",
+        format!("{label}{}", note(pr)),
+        format!("{}×{}", s.micro_batch, s.accumulation),
+        if s.checkpointing { "on" } else { "off" },
+        s.zero_stage,
+        s.segment_length as f64 / f64::from(p.cfg.dataset.sample_rate.max(1)),
+        precision_name(s.precision),
+        format_bytes(pr.peak),
+        if pr.peak <= budget { "yes" } else { "no" },
+        pr.step_s() / base_s
+    );
+}
+
+fn alternatives(p: &Planner, configured: &Prediction, budget: u64, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\nalternatives (same effective batch; peak per rank; time relative to the configured setting, see --help):"
+    );
+    let _ = writeln!(
+        out,
+        "  {:<38} {:>9}  {:<4} {:>4}  {:>8}  {:<4}  {:>10}  {:<4}  {:>5}",
+        "setting", "micro×acc", "ckpt", "ZeRO", "segment", "prec", "peak/rank", "fits", "time"
+    );
+    let base_s = configured.step_s().max(1e-30);
+    let mut any_design = !configured.implemented;
+    for (label, setting) in p.alternatives() {
+        let pr = if setting == configured.setting {
+            configured.clone()
+        } else {
+            p.predict(&setting)
+        };
+        any_design |= !pr.implemented;
+        table_row(out, p, &label, &pr, base_s, budget);
+    }
+    if any_design {
+        let _ = writeln!(
+            out,
+            "  * predicted from the design (ZeRO-3, or bf16 on a CPU); this build cannot run it yet"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  (shorter segments and bf16 change what is trained; `sepdist plan --fit` varies only micro-batch, accumulation, checkpointing and ZeRO stage)"
+    );
+}
+
+fn describe_fit(s: &Setting) -> String {
+    format!(
+        "micro-batch {} × accumulation {}, checkpointing {}, ZeRO {}",
+        s.micro_batch,
+        s.accumulation,
+        if s.checkpointing { "on" } else { "off" },
+        s.zero_stage
+    )
+}
+
+fn fit_text(
+    p: &Planner,
+    fit: &Fit,
+    effective: usize,
+    budget: u64,
+    args: &PlanArgs,
+    out: &mut String,
+) -> Result<u8, crate::Failure> {
+    let base = p.configured();
+    // Reference: the same effective batch in one micro-batch per rank, no recompute, ZeRO 0.
+    let reference = Setting {
+        micro_batch: effective / p.world,
+        accumulation: 1,
+        checkpointing: false,
+        zero_stage: 0,
+        ..base.clone()
+    };
+    let reference = p.predict(&reference);
+    let base_s = reference.step_s().max(1e-30);
+    let _ = writeln!(
+        out,
+        "effective batch {effective}: {} per optimizer step; relative step times below are against the same batch without recompute at ZeRO 0",
+        flops(reference.flops_per_step)
+    );
+    match fit {
+        Fit::Fits(best) => {
+            let _ = writeln!(
+                out,
+                "\nfit: effective batch {effective} on {} rank(s): {}{}: predicted peak {} per rank (budget {}), relative step time {:.2}",
+                p.world,
+                describe_fit(&best.setting),
+                note(best),
+                format_bytes(best.peak),
+                format_bytes(budget),
+                best.step_s() / base_s
+            );
+            if !best.implemented {
+                let _ = writeln!(
+                    out,
+                    "  (* ZeRO-3 is predicted from its design; this build cannot run it yet)"
+                );
+            }
+            let sets = best.setting.overrides(&base);
+            let line = if sets.is_empty() {
+                "(the configured setting)".to_string()
+            } else {
+                sets.iter()
+                    .map(|s| format!("--set {s}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let _ = writeln!(out, "  {line}");
+            breakdown(p, best, budget, out);
+            if let Some(path) = &args.write {
+                let fitted = best.setting.apply(&p.cfg);
+                let text = format!(
+                    "# Fitted by `sepdist plan --fit` for {} × {} with {} per rank (effective batch {effective}):\n# {line}\n{}",
+                    p.world,
+                    p.device.kind.name(),
+                    format_bytes(budget),
+                    fitted.to_yaml()
+                );
+                std::fs::write(path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                let _ = writeln!(out, "wrote {}", path.display());
+            }
+            Ok(0)
+        }
+        Fit::Short(closest) => {
+            let _ = writeln!(
+                out,
+                "\nnothing fits {} per rank with an effective batch of {effective} on {} rank(s): the closest, {}{}, needs {} ({} more)",
+                format_bytes(budget),
+                p.world,
+                describe_fit(&closest.setting),
+                note(closest),
+                format_bytes(closest.peak),
+                format_bytes(closest.peak - budget)
+            );
+            let _ = writeln!(
+                out,
+                "  {}",
+                closest
+                    .setting
+                    .overrides(&base)
+                    .iter()
+                    .map(|s| format!("--set {s}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            if !closest.implemented {
+                let _ = writeln!(
+                    out,
+                    "  (* ZeRO-3 is predicted from its design; this build cannot run it yet)"
+                );
+            }
+            // Changes outside the search, applied to the closest setting.
+            let sr = p.cfg.dataset.sample_rate.max(1) as usize;
+            let mut others: Vec<(String, Setting)> = Vec::new();
+            for secs in [10usize, 5] {
+                let seg = secs * sr;
+                if seg < closest.setting.segment_length && seg >= p.cfg.model.n_fft {
+                    others.push((
+                        format!("--set dataset.segment_length={seg} ({secs} s)"),
+                        Setting {
+                            segment_length: seg,
+                            ..closest.setting.clone()
+                        },
+                    ));
+                }
+            }
+            if p.device.kind.is_gpu()
+                && closest.setting.precision != sepdist_config::Precision::Bf16
+            {
+                others.push((
+                    "--set training.precision=bf16".into(),
+                    Setting {
+                        precision: sepdist_config::Precision::Bf16,
+                        ..closest.setting.clone()
+                    },
+                ));
+            }
+            if !others.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  changes outside the search (they change the data or the arithmetic), on top of it:"
+                );
+                for (label, s) in others {
+                    let pr = p.predict(&s);
+                    let _ = writeln!(
+                        out,
+                        "    {label}: {}{}",
+                        format_bytes(pr.peak),
+                        if pr.peak <= budget { " (fits)" } else { "" }
+                    );
+                }
+            }
+            if p.world < 8 {
+                let _ = writeln!(
+                    out,
+                    "  more ranks also help (ZeRO shards the optimizer state, gradients and parameters over them)"
+                );
+            }
+            breakdown(p, closest, budget, out);
+            Ok(EXIT_NO_FIT)
+        }
+    }
+}
