@@ -254,3 +254,50 @@ fn killing_one_rank_ends_the_job_within_the_deadline_and_the_checkpoint_loads() 
     let err = text(&resumed.stderr);
     assert!(err.contains("resumed from "), "{err}");
 }
+
+/// The EMA of the weights, sharded like the optimizer state under ZeRO 2 on 2 ranks, equals
+/// the single-rank EMA on the same global batch (both read back through `export --ema`,
+/// which assembles the shards).
+#[test]
+fn ema_under_zero_2_on_two_ranks_equals_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let ema = "training.ema={momentum: 0.8, every: 1}";
+    let one = dir.path().join("one");
+    train(
+        1,
+        &one,
+        &[ema, "training.batch_size=4", "training.max_steps=5"],
+    );
+    let two = dir.path().join("two");
+    train(
+        2,
+        &two,
+        &[
+            ema,
+            "training.batch_size=2",
+            "training.max_steps=5",
+            "distributed.zero_stage=2",
+        ],
+    );
+    let export = |run: &Path| -> Vec<f32> {
+        let file = run.join("ema.safetensors");
+        let out = Command::new(env!("CARGO_BIN_EXE_sepdist"))
+            .args(["export", "--ema", "--checkpoint"])
+            .arg(run.join("checkpoints/step_00000005"))
+            .arg("-o")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let dir = run.join("ema-as-checkpoint");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::rename(&file, dir.join("model.safetensors")).unwrap();
+        weights(&dir)
+    };
+    let (a, b) = (export(&one), export(&two));
+    let d = rel_diff(&a, &b);
+    assert!(d <= 1e-5, "EMA relative difference {d}");
+    // The EMA is not simply the weights.
+    let w = weights(&one.join("checkpoints/step_00000005"));
+    assert!(rel_diff(&w, &a) > 1e-4);
+}

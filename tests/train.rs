@@ -202,11 +202,19 @@ fn accumulated_micro_batches_equal_one_large_batch() {
             "gradient norm {ga} vs {gb}"
         );
     }
+    // The same update (the acceptance: 1e-6 after one optimizer step).
+    let d = rel_diff(
+        &weights(&large.ckpt("step_00000001")),
+        &weights(&micro.ckpt("step_00000001")),
+    );
+    assert!(d <= 1e-6, "relative difference after one step {d}");
+    // Later steps compound it through AdamW: an entry whose gradient is near `eps` moves by
+    // up to lr per step whatever the rounding of its gradient (measured: 1.9e-6 after 4).
     let d = rel_diff(
         &weights(&large.ckpt("step_00000004")),
         &weights(&micro.ckpt("step_00000004")),
     );
-    assert!(d <= 1e-6, "relative difference {d}");
+    assert!(d <= 1e-5, "relative difference after four steps {d}");
 }
 
 #[test]
@@ -352,7 +360,7 @@ fn init_from_loads_matching_weights_and_names_the_rest() {
         "{err}"
     );
     assert!(
-        err.contains("mask_estimators.0.groups.0.layers.0.weight"),
+        err.contains("mask_estimators.drums.groups.0.layers.0.weight"),
         "{err}"
     );
     assert!(!err.contains("  layers.0.time.attn.qkv.weight"), "{err}");

@@ -204,9 +204,16 @@ pub fn run_eval(args: EvalArgs) -> Result<u8, Failure> {
                 &options,
                 print_track,
             )?;
-            let out = inference
-                .run_dir()
-                .unwrap_or_else(|| inference.checkpoint().to_path_buf());
+            // Beside the run, else the checkpoint directory, else the exported file.
+            let ckpt = inference.checkpoint();
+            let out = inference.run_dir().unwrap_or_else(|| {
+                if ckpt.is_file() {
+                    ckpt.parent()
+                        .map_or_else(PathBuf::new, std::path::Path::to_path_buf)
+                } else {
+                    ckpt.to_path_buf()
+                }
+            });
             (r, out)
         }
         (None, Some(est), Some(refs)) => (

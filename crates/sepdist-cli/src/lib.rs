@@ -1,13 +1,17 @@
 //! The `sepdist` command line: clap definitions and subcommands. `main` only parses, calls
 //! [`run`] and maps the outcome to an exit code.
 
+mod bench_cmd;
 mod config_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod export_cmd;
+mod plan_cmd;
 mod plot_cmd;
 mod train_cmd;
 
-pub use train_cmd::{EXIT_SIGINT, EXIT_SIGTERM};
+pub use plan_cmd::EXIT_NO_FIT;
+pub use train_cmd::{EXIT_REQUEUE, EXIT_SIGINT, EXIT_SIGTERM};
 
 use clap::{Parser, Subcommand};
 
@@ -52,6 +56,13 @@ pub enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Plot a run's metrics.jsonl (loss, learning rate, memory, uSDR) as PNG and SVG.
     Plot(plot_cmd::PlotArgs),
+    /// Predict per-rank memory and relative step time from a config, for it and its
+    /// alternatives; --fit picks the fastest setting that fits a budget.
+    Plan(plan_cmd::PlanArgs),
+    /// Write a checkpoint's weights (or their EMA) as one file that separate and eval accept.
+    Export(export_cmd::ExportArgs),
+    /// Time a config's training step phase by phase (median step, samples/s, memory, FLOP/s).
+    Bench(bench_cmd::BenchArgs),
 }
 
 /// An error with the exit code it ends the process with.
@@ -87,6 +98,9 @@ pub fn run(cli: Cli, heap: &'static dyn sepdist_train::memory::HeapCounter) -> R
         (Some(Command::Separate(args)), _) => eval_cmd::run_separate(args),
         (Some(Command::Eval(args)), _) => eval_cmd::run_eval(args),
         (Some(Command::Plot(args)), _) => plot_cmd::run(args),
+        (Some(Command::Plan(args)), _) => plan_cmd::run(args),
+        (Some(Command::Export(args)), _) => export_cmd::run(args),
+        (Some(Command::Bench(args)), _) => bench_cmd::run(args, heap),
         (None, None) => Err(Failure {
             code: EXIT_USAGE,
             error: anyhow::anyhow!(

@@ -1,13 +1,19 @@
 use clap::Args;
 use sepdist_config::{Backend, load_file};
 use sepdist_train::{Outcome, TestHooks, TrainRequest};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Exit code after SIGINT (128 + 2) and SIGTERM (128 + 15), as shells report them.
 pub const EXIT_SIGINT: u8 = 130;
 pub const EXIT_SIGTERM: u8 = 143;
+/// Exit code after SIGUSR1 (SLURM's `--signal=USR1@SECONDS` warning before the time limit or
+/// a preemption): every rank stopped after the same optimizer step and a checkpoint was
+/// written; the job should be requeued and resumed with `--resume auto`. 75 is EX_TEMPFAIL of
+/// sysexits.h ("try again later"); the `slurm/` templates requeue on it.
+pub const EXIT_REQUEUE: u8 = 75;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -26,24 +32,34 @@ pub struct TrainArgs {
     /// fresh optimizer); lists the parameters it did not load.
     #[arg(long, value_name = "PATH")]
     pub init_from: Option<PathBuf>,
+    /// At the end, print this rank's measured memory breakdown (parameters, gradients,
+    /// optimizer state, activations kept, transient working set, communication buffers)
+    /// next to `sepdist plan`'s prediction.
+    #[arg(long)]
+    pub memory_report: bool,
 }
 
-/// Steps (1-based, comma-separated) whose loss and gradients a test makes NaN.
+/// Steps (1-based, comma-separated) whose loss and gradients a test makes NaN: `STEP` on every
+/// rank, `RANK:STEP` on that rank only.
 const NAN_HOOK: &str = "SEPDIST_TEST_NAN_AT_STEPS";
 /// Stop as if by SIGTERM once this many optimizer steps are done.
 const STOP_HOOK: &str = "SEPDIST_TEST_STOP_AFTER_STEPS";
 /// `RANK:KEY=VALUE`: that rank applies one more `--set`.
 const RANK_OVERRIDE_HOOK: &str = "SEPDIST_TEST_RANK_OVERRIDE";
 
-fn hooks() -> Result<TestHooks, crate::Failure> {
+fn hooks(rank: usize) -> Result<TestHooks, crate::Failure> {
     let mut hooks = TestHooks::default();
     if let Ok(list) = std::env::var(NAN_HOOK) {
         for item in list.split(',').filter(|s| !s.trim().is_empty()) {
-            let step: u64 = item
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{NAN_HOOK}: `{item}` is not a step number"))?;
-            hooks.nan_at_steps.push(step.saturating_sub(1));
+            let bad = || anyhow::anyhow!("{NAN_HOOK}: `{item}` is not STEP or RANK:STEP");
+            let (only, step) = match item.split_once(':') {
+                Some((r, s)) => (Some(r.trim().parse::<usize>().map_err(|_| bad())?), s),
+                None => (None, item),
+            };
+            let step: u64 = step.trim().parse().map_err(|_| bad())?;
+            if only.is_none_or(|r| r == rank) {
+                hooks.nan_at_steps.push(step.saturating_sub(1));
+            }
         }
     }
     if let Ok(text) = std::env::var(STOP_HOOK) {
@@ -56,26 +72,37 @@ fn hooks() -> Result<TestHooks, crate::Failure> {
     Ok(hooks)
 }
 
+/// The communicator `distributed.backend` asks for (MPI ranks, one process, or NCCL).
+pub(crate) fn communicator(
+    config: &sepdist_config::Config,
+) -> Result<Box<dyn sepdist_comm::Communicator>, crate::Failure> {
+    let backend = match config.distributed.backend {
+        Backend::Auto => sepdist_comm::Backend::Auto,
+        Backend::Mpi => sepdist_comm::Backend::Mpi,
+        Backend::None => sepdist_comm::Backend::None,
+        #[cfg(feature = "nccl")]
+        Backend::Nccl => sepdist_comm::Backend::Nccl,
+        #[cfg(not(feature = "nccl"))]
+        Backend::Nccl => {
+            return Err(anyhow::Error::new(sepdist_train::TrainError::Setup(format!(
+                "distributed.backend: nccl is not available: {}, or use auto, mpi or none",
+                sepdist_comm::NCCL_NOT_COMPILED
+            )))
+            .into());
+        }
+    };
+    Ok(sepdist_comm::init(
+        backend,
+        std::time::Duration::from_secs(config.distributed.timeout_s),
+    )?)
+}
+
 pub fn run(
     args: TrainArgs,
     heap: &'static dyn sepdist_train::memory::HeapCounter,
 ) -> Result<u8, crate::Failure> {
     let config = load_file(&args.config, &args.overrides)?;
-    let backend = match config.distributed.backend {
-        Backend::Auto => sepdist_comm::Backend::Auto,
-        Backend::Mpi => sepdist_comm::Backend::Mpi,
-        Backend::None => sepdist_comm::Backend::None,
-        Backend::Nccl => {
-            return Err(anyhow::Error::new(sepdist_train::TrainError::Setup(
-                "distributed.backend: nccl is not available in this build (CUDA support is still to come); use auto, mpi or none".into(),
-            ))
-            .into());
-        }
-    };
-    let comm = sepdist_comm::init(
-        backend,
-        std::time::Duration::from_secs(config.distributed.timeout_s),
-    )?;
+    let comm = communicator(&config)?;
     // Test hook: one rank loads a different config, to check that start-up agreement
     // catches it (`RANK:KEY=VALUE`).
     let config = match std::env::var(RANK_OVERRIDE_HOOK) {
@@ -94,23 +121,7 @@ pub fn run(
         Err(_) => config,
     };
     let stop = Arc::new(AtomicUsize::new(0));
-    let stopping = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let install = || -> std::io::Result<()> {
-            // The first signal asks for a checkpoint at the next step boundary; a second one
-            // while that is under way exits at once.
-            signal_hook::flag::register_conditional_shutdown(
-                signal,
-                i32::from(EXIT_SIGINT),
-                Arc::clone(&stopping),
-            )?;
-            signal_hook::flag::register(signal, Arc::clone(&stopping))?;
-            signal_hook::flag::register_usize(signal, Arc::clone(&stop), signal as usize)?;
-            Ok(())
-        };
-        install()
-            .map_err(|e| anyhow::anyhow!("cannot install the handler of signal {signal}: {e}"))?;
-    }
+    install_stop_handlers(&stop)?;
     use std::io::IsTerminal;
     let outcome = sepdist_train::train(
         TrainRequest {
@@ -120,7 +131,8 @@ pub fn run(
             heap,
             stop,
             terminal: std::io::stderr().is_terminal(),
-            hooks: hooks()?,
+            hooks: hooks(comm.rank())?,
+            memory_report: args.memory_report,
         },
         comm.as_ref(),
     )?;
@@ -140,17 +152,67 @@ pub fn run(
             step,
             checkpoint,
         } => {
-            if rank == 0 {
-                println!(
-                    "stopped by signal {signal} after step {step}; checkpoint {} (resume with --resume auto)",
-                    checkpoint.display()
-                );
-            }
-            Ok(if signal == signal_hook::consts::SIGTERM as usize {
+            let code = if signal == SIGUSR1 as usize {
+                EXIT_REQUEUE
+            } else if signal == SIGTERM as usize {
                 EXIT_SIGTERM
             } else {
                 EXIT_SIGINT
-            })
+            };
+            if rank == 0 {
+                if code == EXIT_REQUEUE {
+                    println!(
+                        "stopped by signal {signal} (SIGUSR1) after step {step}; checkpoint {}; exit code {EXIT_REQUEUE}: requeue the job and resume with --resume auto",
+                        checkpoint.display()
+                    );
+                } else {
+                    println!(
+                        "stopped by signal {signal} after step {step}; checkpoint {} (resume with --resume auto)",
+                        checkpoint.display()
+                    );
+                }
+            }
+            Ok(code)
         }
     }
+}
+
+/// SIGINT, SIGTERM and SIGUSR1 ask every rank to stop after the current optimizer step (the
+/// ranks agree on the step through the step's scalar all-reduce), write a checkpoint and exit
+/// with [`EXIT_SIGINT`], [`EXIT_SIGTERM`] or [`EXIT_REQUEUE`]. A second SIGINT or SIGTERM while
+/// that is under way exits at once. SIGINT and SIGTERM take precedence over SIGUSR1: a job told
+/// to terminate does not requeue itself.
+fn install_stop_handlers(stop: &Arc<AtomicUsize>) -> Result<(), crate::Failure> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    for (signal, code) in [(SIGINT, EXIT_SIGINT), (SIGTERM, EXIT_SIGTERM)] {
+        let install = || -> std::io::Result<()> {
+            // The first signal asks for a checkpoint at the next step boundary; a second one
+            // while that is under way exits at once.
+            signal_hook::flag::register_conditional_shutdown(
+                signal,
+                i32::from(code),
+                Arc::clone(&stopping),
+            )?;
+            signal_hook::flag::register(signal, Arc::clone(&stopping))?;
+            signal_hook::flag::register_usize(signal, Arc::clone(stop), signal as usize)?;
+            Ok(())
+        };
+        install()
+            .map_err(|e| anyhow::anyhow!("cannot install the handler of signal {signal}: {e}"))?;
+    }
+    // SIGUSR1 only asks, and never replaces a SIGINT/SIGTERM already recorded: a thread turns
+    // it into a compare-and-swap on the flag (a handler can only store).
+    let mut usr1 = signal_hook::iterator::Signals::new([SIGUSR1])
+        .map_err(|e| anyhow::anyhow!("cannot install the handler of signal {SIGUSR1}: {e}"))?;
+    let stop = Arc::clone(stop);
+    std::thread::Builder::new()
+        .name("sepdist-sigusr1".into())
+        .spawn(move || {
+            for _ in usr1.forever() {
+                let _ =
+                    stop.compare_exchange(0, SIGUSR1 as usize, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the SIGUSR1 watcher: {e}"))?;
+    Ok(())
 }

@@ -161,7 +161,8 @@ impl ModelConfig {
         self.emb_dim / self.n_heads.max(1)
     }
     pub fn mask_hidden(&self) -> usize {
-        self.mask_hidden_dim.unwrap_or(4 * self.emb_dim)
+        self.mask_hidden_dim
+            .unwrap_or(self.emb_dim.saturating_mul(4))
     }
     /// STFT frames of a centred transform of `samples` samples.
     pub fn frames(&self, samples: usize) -> usize {
@@ -198,12 +199,34 @@ pub struct TrainingConfig {
     pub keep_last: usize,
     /// Consecutive non-finite steps (skipped) after which training stops with an error.
     pub max_consecutive_skips: u64,
+    /// Exponential moving average of the weights; `null` disables it.
+    pub ema: Option<EmaConfig>,
+}
+
+/// `ema ← momentum · ema + (1 − momentum) · weights` after every `every`-th optimizer step;
+/// validation and `best_model` then use the EMA weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmaConfig {
+    pub momentum: f64,
+    pub every: u64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            momentum: 0.999,
+            every: 1,
+        }
+    }
 }
 
 impl TrainingConfig {
-    /// Examples per optimizer step over all ranks.
+    /// Examples per optimizer step over all ranks (saturating: absurd sizes must not panic).
     pub fn effective_batch(&self, world_size: usize) -> usize {
-        self.batch_size * self.gradient_accumulation_steps * world_size
+        self.batch_size
+            .saturating_mul(self.gradient_accumulation_steps)
+            .saturating_mul(world_size)
     }
 }
 
@@ -229,6 +252,31 @@ pub enum LrDecay {
 pub struct LrScheduleConfig {
     pub warmup_steps: usize,
     pub decay: LrDecay,
+    /// Reduce-on-plateau of the validation mean uSDR on top of warmup and decay; `null`: off.
+    pub plateau: Option<PlateauConfig>,
+}
+
+/// After `patience` validations in a row without the mean uSDR beating the best by more than
+/// `threshold` dB, the learning rate is multiplied by `factor`, down to `min_lr` (PyTorch's
+/// `ReduceLROnPlateau` in `max` mode with an absolute threshold).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlateauConfig {
+    pub patience: u64,
+    pub factor: f64,
+    pub min_lr: f64,
+    pub threshold: f64,
+}
+
+impl Default for PlateauConfig {
+    fn default() -> Self {
+        Self {
+            patience: 3,
+            factor: 0.5,
+            min_lr: 0.0,
+            threshold: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,10 +286,18 @@ pub enum Precision {
     Bf16,
 }
 
-/// Waveform L1 plus the weighted multi-resolution complex-STFT L1 of MODEL.md.
+/// A weighted sum of waveform L1, waveform MSE and the multi-resolution complex-STFT L1 of
+/// MODEL.md (default: L1 + 1 × multi-STFT, as MODEL.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
+    /// Weight of `mean |ŝ − s|`.
+    pub l1_weight: f64,
+    /// Weight of `mean (ŝ − s)²`.
+    pub mse_weight: f64,
+    /// Weight of each source by name (absent: 1). Every loss part is then the weighted mean
+    /// over sources.
+    pub source_weights: std::collections::BTreeMap<String, f64>,
     pub multi_stft_resolution_loss_weight: f64,
     pub multi_stft_resolutions_window_sizes: Vec<usize>,
     pub multi_stft_hop_size: usize,
@@ -366,6 +422,7 @@ impl Default for TrainingConfig {
             checkpoint_every: 500,
             keep_last: 3,
             max_consecutive_skips: 10,
+            ema: None,
         }
     }
 }
@@ -386,6 +443,7 @@ impl Default for LrScheduleConfig {
         Self {
             warmup_steps: 500,
             decay: LrDecay::Cosine,
+            plateau: None,
         }
     }
 }
@@ -393,6 +451,9 @@ impl Default for LrScheduleConfig {
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
+            l1_weight: 1.0,
+            mse_weight: 0.0,
+            source_weights: std::collections::BTreeMap::new(),
             multi_stft_resolution_loss_weight: 1.0,
             multi_stft_resolutions_window_sizes: vec![4096, 2048, 1024, 512, 256],
             multi_stft_hop_size: 147,

@@ -5,6 +5,32 @@ use crate::error::RuleViolation;
 use crate::schema::{Config, DatasetFormat};
 use std::collections::HashSet;
 
+/// Bound of `widest² × (bands + 1) × (layers + mask_depth + 1) × sources` (see `validate`).
+const MAX_MODEL_SIZE: f64 = (1u64 << 50) as f64;
+
+/// Most tracks the synthetic generator writes (`dataset.synthetic.tracks`, `data synth --tracks`).
+pub const MAX_SYNTHETIC_TRACKS: usize = 100_000;
+/// Most frames of one synthetic track (`seconds × sample_rate`): 2^27, about 50 min at
+/// 44.1 kHz; every stem of a track is held in memory while it is written.
+pub const MAX_SYNTHETIC_FRAMES: u64 = 1 << 27;
+
+/// Why a synthetic dataset of `tracks` tracks of `seconds` s at `sample_rate` Hz is too large
+/// to generate; `None` when it is within [`MAX_SYNTHETIC_TRACKS`] and [`MAX_SYNTHETIC_FRAMES`].
+pub fn synthetic_too_large(tracks: usize, seconds: f32, sample_rate: u32) -> Option<String> {
+    if tracks > MAX_SYNTHETIC_TRACKS {
+        return Some(format!(
+            "{tracks} tracks are more than the generator's limit of {MAX_SYNTHETIC_TRACKS}"
+        ));
+    }
+    let frames = f64::from(seconds) * f64::from(sample_rate);
+    (frames > MAX_SYNTHETIC_FRAMES as f64).then(|| {
+        format!(
+            "{seconds} s at {sample_rate} Hz is {frames:.0} frames per track, more than the generator's limit of {MAX_SYNTHETIC_FRAMES} ({:.0} min at {sample_rate} Hz)",
+            MAX_SYNTHETIC_FRAMES as f64 / f64::from(sample_rate.max(1)) / 60.0
+        )
+    })
+}
+
 pub fn validate(c: &Config) -> Vec<RuleViolation> {
     let mut out = Vec::new();
     let mut check = |ok: bool, key: &str, message: String| {
@@ -28,6 +54,12 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
             !s.trim().is_empty(),
             "dataset.sources",
             "a source name is empty".into(),
+        );
+        // The name becomes part of parameter names (`mask_estimators.{name}.…`).
+        check(
+            !s.contains(['.', '/']),
+            "dataset.sources",
+            format!("`{s}` must not contain `.` or `/`"),
         );
         check(
             seen.insert(s),
@@ -79,6 +111,9 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
                 syn.tracks
             ),
         );
+        if let Some(why) = synthetic_too_large(syn.tracks, syn.seconds, d.sample_rate) {
+            check(false, "dataset.synthetic", why);
+        }
         let frames = (f64::from(syn.seconds) * f64::from(d.sample_rate)).floor();
         check(
             syn.seconds.is_finite() && frames >= d.segment_length as f64,
@@ -104,13 +139,15 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
         ),
     );
     let widths = m.bands.widths();
-    let bins: usize = widths.iter().sum();
+    // Checked: absurd widths must be reported, not overflow.
+    let bins = widths.iter().try_fold(0usize, |sum, &w| sum.checked_add(w));
     check(
-        bins == m.freq_bins(),
+        bins == Some(m.freq_bins()),
         "model.bands",
         format!(
-            "the {} bands cover {bins} bins, but n_fft = {} has n_fft/2+1 = {} bins",
+            "the {} bands cover {} bins, but n_fft = {} has n_fft/2+1 = {} bins",
             widths.len(),
+            bins.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string()),
             m.n_fft,
             m.freq_bins()
         ),
@@ -124,6 +161,33 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
         m.n_layers >= 1,
         "model.n_layers",
         "must be at least 1".into(),
+    );
+    // A loose bound of the parameter count (products of the widths, layers and sources): the
+    // closed forms of the parameter count and FLOPs use 64-bit integers, and no machine holds
+    // a model anywhere near this size (real ones stay below 2^41).
+    let widest = [
+        m.emb_dim,
+        m.mask_hidden(),
+        m.ffn_hidden_dim[0],
+        m.ffn_hidden_dim[1],
+        m.freq_bins(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    let size = (widest as f64).powi(2)
+        * (widths.len() as f64 + 1.0)
+        * (m.n_layers as f64 + m.mask_depth as f64 + 1.0)
+        * (d.sources.len() as f64).max(1.0);
+    check(
+        size <= MAX_MODEL_SIZE,
+        "model",
+        format!(
+            "implausibly large (widths up to {widest}, {} layers, {} bands, {} sources: on the order of {size:.1e} parameters)",
+            m.n_layers,
+            widths.len(),
+            d.sources.len()
+        ),
     );
     check(m.n_heads >= 1, "model.n_heads", "must be at least 1".into());
     check(
@@ -201,7 +265,71 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
             format!("{clip} must be positive (null disables clipping)"),
         );
     }
+    if let Some(p) = &t.lr_schedule.plateau {
+        check(
+            p.factor.is_finite() && p.factor > 0.0 && p.factor < 1.0,
+            "training.lr_schedule.plateau.factor",
+            format!("{} must lie in (0, 1)", p.factor),
+        );
+        check(
+            p.min_lr.is_finite() && p.min_lr >= 0.0,
+            "training.lr_schedule.plateau.min_lr",
+            "must be non-negative".into(),
+        );
+        check(
+            p.threshold.is_finite() && p.threshold >= 0.0,
+            "training.lr_schedule.plateau.threshold",
+            "must be non-negative (dB of mean uSDR)".into(),
+        );
+    }
+    if let Some(e) = &t.ema {
+        check(
+            (0.0..1.0).contains(&e.momentum),
+            "training.ema.momentum",
+            format!("{} must lie in [0, 1)", e.momentum),
+        );
+        check(
+            e.every >= 1,
+            "training.ema.every",
+            "must be at least 1 optimizer step".into(),
+        );
+    }
     let l = &t.loss;
+    for (key, w) in [("l1_weight", l.l1_weight), ("mse_weight", l.mse_weight)] {
+        check(
+            w.is_finite() && w >= 0.0,
+            &format!("training.loss.{key}"),
+            format!("{w} must be non-negative"),
+        );
+    }
+    check(
+        l.l1_weight > 0.0 || l.mse_weight > 0.0 || l.multi_stft_resolution_loss_weight > 0.0,
+        "training.loss",
+        "l1_weight, mse_weight and multi_stft_resolution_loss_weight are all 0: nothing to train on"
+            .into(),
+    );
+    for (name, w) in &l.source_weights {
+        check(
+            d.sources.contains(name),
+            "training.loss.source_weights",
+            format!(
+                "`{name}` is not one of dataset.sources ({})",
+                d.sources.join(", ")
+            ),
+        );
+        check(
+            w.is_finite() && *w >= 0.0,
+            "training.loss.source_weights",
+            format!("{name}: {w} must be non-negative"),
+        );
+    }
+    check(
+        d.sources
+            .iter()
+            .any(|s| l.source_weights.get(s).is_none_or(|w| *w > 0.0)),
+        "training.loss.source_weights",
+        "every source has weight 0".into(),
+    );
     check(
         l.multi_stft_resolution_loss_weight.is_finite()
             && l.multi_stft_resolution_loss_weight >= 0.0,

@@ -1,4 +1,5 @@
-//! Training loss: waveform L1 plus weighted multi-resolution complex-STFT L1 (MODEL.md).
+//! Training loss: a weighted sum of waveform L1, waveform MSE and the multi-resolution
+//! complex-STFT L1 of MODEL.md (default: L1 + multi-STFT), optionally weighted per source.
 //!
 //! For each window size `w`: `n_fft = max(w, multi_stft_min_n_fft)`, Hann window of length `w`
 //! centred in `n_fft`, hop `multi_stft_hop_size`, centred reflect-padded frames (lucidrains'
@@ -16,18 +17,25 @@ use sepdist_config::LossConfig;
 /// The loss and its parts, each a scalar tensor on the graph of the estimate.
 #[derive(Debug, Clone)]
 pub struct LossParts {
-    /// `mean |ŝ − s|` over all samples.
+    /// `mean |ŝ − s|` over all samples (source-weighted mean when weights are set).
     pub waveform: Tensor,
-    /// `Σ_resolutions mean |STFT(ŝ) − STFT(s)|` (unweighted).
+    /// `mean (ŝ − s)²`, likewise.
+    pub mse: Tensor,
+    /// `Σ_resolutions mean |STFT(ŝ) − STFT(s)|` (unweighted by its loss weight; zero when
+    /// that weight is 0, as it is then not computed).
     pub multi_stft: Tensor,
-    /// `waveform + weight · multi_stft`.
+    /// `l1_weight · waveform + mse_weight · mse + multi_stft_weight · multi_stft`.
     pub total: Tensor,
 }
 
 /// The configured loss; holds one STFT per resolution.
 pub struct SeparationLoss {
+    l1_weight: f64,
+    mse_weight: f64,
     weight: f64,
     resolutions: Vec<(usize, Stft)>,
+    /// Per-source weights of a `[B, S, 2, N]` estimate; `None`: all 1.
+    source_weights: Option<Vec<f64>>,
 }
 
 impl SeparationLoss {
@@ -49,12 +57,42 @@ impl SeparationLoss {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            l1_weight: cfg.l1_weight,
+            mse_weight: cfg.mse_weight,
             weight: cfg.multi_stft_resolution_loss_weight,
             resolutions,
+            source_weights: None,
         })
     }
 
-    /// `estimate` and `target` of equal shape `[..., N]` (usually `[B, S, 2, N]`).
+    /// The loss of `cfg` for estimates of `sources` (in that order), with
+    /// `cfg.source_weights` applied (absent sources weigh 1). All weights 1 is the plain mean.
+    pub fn for_sources(cfg: &LossConfig, sources: &[String]) -> Result<Self> {
+        let mut loss = Self::new(cfg)?;
+        if let Some(unknown) = cfg.source_weights.keys().find(|k| !sources.contains(k)) {
+            return Err(ModelError::Config(format!(
+                "loss weight for `{unknown}`, which is not one of the sources ({})",
+                sources.join(", ")
+            )));
+        }
+        let weights: Vec<f64> = sources
+            .iter()
+            .map(|s| cfg.source_weights.get(s).copied().unwrap_or(1.0))
+            .collect();
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0
+        {
+            return Err(ModelError::Config(format!(
+                "source weights {weights:?} must be non-negative with a positive sum"
+            )));
+        }
+        if weights.iter().any(|&w| w != 1.0) {
+            loss.source_weights = Some(weights);
+        }
+        Ok(loss)
+    }
+
+    /// `estimate` and `target` of equal shape `[..., N]` (usually `[B, S, 2, N]`; source
+    /// weights need exactly that shape).
     pub fn compute(&self, estimate: &Tensor, target: &Tensor) -> Result<LossParts> {
         if estimate.dims() != target.dims() {
             return Err(ModelError::Input(format!(
@@ -64,7 +102,36 @@ impl SeparationLoss {
             )));
         }
         let diff = (estimate - target)?;
-        let waveform = diff.abs()?.mean_all()?;
+        // A weighted mean over sources of equal size is (S / Σw) · mean(w · x). Weights are
+        // non-negative, so |w·d| = w·|d|, and the STFT is linear: STFT(w·d) = w·STFT(d).
+        let (weighted, weight_tensor, norm) = match &self.source_weights {
+            None => (diff.clone(), None, 1.0),
+            Some(w) => {
+                let dims = diff.dims();
+                if dims.len() != 4 || dims[1] != w.len() {
+                    return Err(ModelError::Input(format!(
+                        "source weights for {} sources need a [B, S, 2, N] estimate, got {dims:?}",
+                        w.len()
+                    )));
+                }
+                let wt = Tensor::from_vec(
+                    w.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                    (1, w.len(), 1, 1),
+                    diff.device(),
+                )?
+                .to_dtype(diff.dtype())?;
+                let weighted = diff.broadcast_mul(&wt)?;
+                (weighted, Some(wt), w.len() as f64 / w.iter().sum::<f64>())
+            }
+        };
+        let scale = |t: Tensor| -> Result<Tensor> { Ok(if norm == 1.0 { t } else { (t * norm)? }) };
+        let waveform = scale(weighted.abs()?.mean_all()?)?;
+        let squared = diff.sqr()?;
+        let squared = match &weight_tensor {
+            None => squared,
+            Some(wt) => squared.broadcast_mul(wt)?,
+        };
+        let mse = scale(squared.mean_all()?)?;
         let n = diff.dims().last().copied().unwrap_or(0);
         let mut multi = waveform.zeros_like()?;
         if self.weight != 0.0 {
@@ -74,12 +141,32 @@ impl SeparationLoss {
                         "signal of {n} samples is too short for an STFT of {n_fft} (reflect padding)"
                     )));
                 }
-                multi = (multi + stft.forward(&diff)?.abs()?.mean_all()?)?;
+                multi = (multi + stft.forward(&weighted)?.abs()?.mean_all()?)?;
+            }
+            multi = scale(multi)?;
+        }
+        // Only the parts with a positive weight join the graph of the total.
+        let mut total: Option<Tensor> = None;
+        for (part, w) in [
+            (&waveform, self.l1_weight),
+            (&mse, self.mse_weight),
+            (&multi, self.weight),
+        ] {
+            if w != 0.0 {
+                let term = if w == 1.0 { part.clone() } else { (part * w)? };
+                total = Some(match total {
+                    None => term,
+                    Some(t) => (t + term)?,
+                });
             }
         }
-        let total = (&waveform + (&multi * self.weight)?)?;
+        let total = match total {
+            Some(t) => t,
+            None => waveform.zeros_like()?,
+        };
         Ok(LossParts {
             waveform,
+            mse,
             multi_stft: multi,
             total,
         })

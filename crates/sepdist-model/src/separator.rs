@@ -20,7 +20,8 @@
 //!   `.ff.norm.gamma` `[D]`, `.ff.fc1.weight` `[h, D]`, `.ff.fc1.bias` `[h]`, `.ff.fc2.weight`
 //!   `[D, h]`, `.ff.fc2.bias` `[D]`;
 //! - `final_norm.gamma` `[D]`;
-//! - `mask_estimators.{s}.groups.{g}.layers.{l}.weight` `[n_g, in_l, out_l]`, `.bias`
+//! - `mask_estimators.{s}.groups.{g}.layers.{l}.weight` `[n_g, in_l, out_l]` (`s` the source
+//!   name, or its index with [`Separator::new`]), `.bias`
 //!   `[n_g, out_l]`, `l < mask_depth`, widths `D → mask_hidden → … → 2·d_g`.
 
 use crate::bands::BandLayout;
@@ -52,6 +53,9 @@ pub struct Dims {
     pub mask_hidden: usize,
     pub mask_depth: usize,
     pub n_sources: usize,
+    /// Names of the mask estimators' parameters (`mask_estimators.{name}`): the source names,
+    /// so that a checkpoint's heads load by source, whatever the order or subset of sources.
+    pub source_names: Vec<String>,
 }
 
 impl Dims {
@@ -97,6 +101,7 @@ impl Dims {
             mask_hidden: cfg.mask_hidden(),
             mask_depth: cfg.mask_depth,
             n_sources,
+            source_names: (0..n_sources).map(|s| s.to_string()).collect(),
         })
     }
 
@@ -231,7 +236,8 @@ impl Block {
                     for (g, grp) in dims.layout.groups.iter().enumerate() {
                         let n = grp.bands.len();
                         let w = dims.mask_widths(grp.dim_in());
-                        let p = format!("mask_estimators.{s}.groups.{g}.layers");
+                        let p =
+                            format!("mask_estimators.{}.groups.{g}.layers", dims.source_names[s]);
                         let layers = (0..w.len() - 1)
                             .map(|l| {
                                 [
@@ -497,9 +503,31 @@ pub struct Separator {
 }
 
 impl Separator {
-    /// Validates `cfg` and lays out the blocks; allocates no parameters.
+    /// Validates `cfg` and lays out the blocks; allocates no parameters. The mask estimators
+    /// are named by index (`mask_estimators.0`, ...); see [`Separator::with_sources`].
     pub fn new(cfg: &ModelConfig, n_sources: usize) -> Result<Self> {
-        let dims = Arc::new(Dims::new(cfg, n_sources)?);
+        Self::build(Dims::new(cfg, n_sources)?)
+    }
+
+    /// [`Separator::new`] with one mask estimator per named source
+    /// (`mask_estimators.vocals...`): what training and inference use, so that fine-tuning on
+    /// another set of sources finds the heads it shares with the checkpoint by name.
+    pub fn with_sources(cfg: &ModelConfig, sources: &[String]) -> Result<Self> {
+        let mut dims = Dims::new(cfg, sources.len())?;
+        let mut seen = std::collections::HashSet::new();
+        for name in sources {
+            if name.is_empty() || name.contains(['.', '/']) || !seen.insert(name) {
+                return Err(ModelError::Config(format!(
+                    "source name `{name}` must be unique, non-empty and free of `.` and `/`"
+                )));
+            }
+        }
+        dims.source_names = sources.to_vec();
+        Self::build(dims)
+    }
+
+    fn build(dims: Dims) -> Result<Self> {
+        let dims = Arc::new(dims);
         let stft = Arc::new(Stft::new(dims.n_fft, dims.hop, dims.n_fft)?);
         let mut blocks = vec![Block::build(
             BlockKind::BandSplit,

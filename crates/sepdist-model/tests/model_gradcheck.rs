@@ -33,6 +33,7 @@ fn loss_cfg() -> LossConfig {
         multi_stft_resolutions_window_sizes: vec![32, 16],
         multi_stft_hop_size: 8,
         multi_stft_min_n_fft: 32,
+        ..LossConfig::default()
     }
 }
 

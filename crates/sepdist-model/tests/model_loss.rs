@@ -50,6 +50,7 @@ fn model_loss_parts_match_direct_computation() -> R<()> {
         multi_stft_resolutions_window_sizes: vec![16, 8],
         multi_stft_hop_size: 5,
         multi_stft_min_n_fft: 12,
+        ..LossConfig::default()
     };
     let loss = SeparationLoss::new(&cfg)?;
     let est = model_util::normal(&[1, 2, 2, 40], 1.0, 1)?;
@@ -100,5 +101,89 @@ fn model_loss_parts_match_direct_computation() -> R<()> {
     assert!(loss.compute(&est, &tgt.narrow(3, 0, 39)?).is_err());
     let short = Tensor::zeros((1, 4), candle_core::DType::F64, &dev)?;
     assert!(loss.compute(&short, &short).is_err());
+    Ok(())
+}
+
+/// L1, MSE and multi-STFT per source by the definitions, then their weighted means over
+/// sources and the weighted sum of the parts.
+#[test]
+fn model_loss_weighted_sum_and_source_weights_match_direct_computation() -> R<()> {
+    let sources = ["bass".to_string(), "vocals".to_string()];
+    let cfg = LossConfig {
+        l1_weight: 0.3,
+        mse_weight: 2.0,
+        multi_stft_resolution_loss_weight: 0.5,
+        multi_stft_resolutions_window_sizes: vec![16],
+        multi_stft_hop_size: 5,
+        multi_stft_min_n_fft: 12,
+        source_weights: [("vocals".to_string(), 3.0)].into_iter().collect(),
+    };
+    let loss = SeparationLoss::for_sources(&cfg, &sources)?;
+    let est = model_util::normal(&[1, 2, 2, 40], 1.0, 3)?;
+    let tgt = model_util::normal(&[1, 2, 2, 40], 1.0, 4)?;
+    let parts = loss.compute(&est, &tgt)?;
+
+    let e = est.reshape((4, 40))?.to_vec2::<f64>()?;
+    let t = tgt.reshape((4, 40))?.to_vec2::<f64>()?;
+    // Rows 0, 1: bass (weight 1); rows 2, 3: vocals (weight 3).
+    let per_source = |f: &dyn Fn(&[f64], &[f64]) -> f64| -> f64 {
+        let s = |r: std::ops::Range<usize>| r.map(|i| f(&e[i], &t[i])).sum::<f64>() / 2.0;
+        (1.0 * s(0..2) + 3.0 * s(2..4)) / 4.0
+    };
+    let l1 = per_source(&|a, b| a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 40.0);
+    let mse = per_source(&|a, b| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / 40.0);
+    let multi = per_source(&|a, b| {
+        let (sa, sb) = (naive_stft(a, 16, 5, 16), naive_stft(b, 16, 5, 16));
+        let n = 2 * sa.len();
+        sa.into_iter()
+            .zip(sb)
+            .map(|((ar, ai), (br, bi))| (ar - br).abs() + (ai - bi).abs())
+            .sum::<f64>()
+            / n as f64
+    });
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-10 * b.abs().max(1.0);
+    let got = |t: &Tensor| t.to_scalar::<f64>();
+    assert!(
+        close(got(&parts.waveform)?, l1),
+        "{} vs {l1}",
+        got(&parts.waveform)?
+    );
+    assert!(
+        close(got(&parts.mse)?, mse),
+        "{} vs {mse}",
+        got(&parts.mse)?
+    );
+    assert!(close(got(&parts.multi_stft)?, multi));
+    let total = 0.3 * l1 + 2.0 * mse + 0.5 * multi;
+    assert!(
+        close(got(&parts.total)?, total),
+        "{} vs {total}",
+        got(&parts.total)?
+    );
+
+    // MSE alone: the total is the MSE.
+    let mse_only = SeparationLoss::for_sources(
+        &LossConfig {
+            l1_weight: 0.0,
+            mse_weight: 1.0,
+            multi_stft_resolution_loss_weight: 0.0,
+            ..cfg.clone()
+        },
+        &sources,
+    )?;
+    assert!(close(got(&mse_only.compute(&est, &tgt)?.total)?, mse));
+    // Weights for an unknown source, or none positive, are configuration errors.
+    let bad = LossConfig {
+        source_weights: [("piano".to_string(), 1.0)].into_iter().collect(),
+        ..cfg.clone()
+    };
+    assert!(SeparationLoss::for_sources(&bad, &sources).is_err());
+    let zero = LossConfig {
+        source_weights: [("bass".to_string(), 0.0), ("vocals".to_string(), 0.0)]
+            .into_iter()
+            .collect(),
+        ..cfg
+    };
+    assert!(SeparationLoss::for_sources(&zero, &sources).is_err());
     Ok(())
 }

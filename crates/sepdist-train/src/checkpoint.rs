@@ -150,6 +150,8 @@ pub struct OptimizerShard {
     pub offset: usize,
     pub exp_avg: Vec<f32>,
     pub exp_avg_sq: Vec<f32>,
+    /// The EMA of the weights over the same range (`training.ema`), sharded like the moments.
+    pub ema: Option<Vec<f32>>,
 }
 
 /// A written optimizer shard and its checksum, as one rank reports it to the committing rank.
@@ -207,6 +209,9 @@ impl Meta {
         }
     }
 }
+
+/// Name of the EMA tensor inside an optimizer shard file.
+const EMA_TENSOR: &str = "ema";
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -316,17 +321,19 @@ impl Staging {
     ) -> Result<ShardRecord> {
         let file = format!("optimizer-{index:05}.safetensors");
         let path = self.tmp.join(&file);
-        if shard.exp_avg.len() != shard.exp_avg_sq.len() {
-            return Err(format_err(&path, "moment buffers differ in length"));
-        }
         let len = shard.exp_avg.len();
-        let bytes = serialize_f32(
-            &path,
-            &[
-                ("exp_avg".into(), &[len], &shard.exp_avg),
-                ("exp_avg_sq".into(), &[len], &shard.exp_avg_sq),
-            ],
-        )?;
+        if shard.exp_avg_sq.len() != len || shard.ema.as_ref().is_some_and(|e| e.len() != len) {
+            return Err(format_err(&path, "moment or EMA buffers differ in length"));
+        }
+        let shape = [len];
+        let mut tensors: Vec<(String, &[usize], &[f32])> = vec![
+            ("exp_avg".into(), &shape, &shard.exp_avg),
+            ("exp_avg_sq".into(), &shape, &shard.exp_avg_sq),
+        ];
+        if let Some(ema) = &shard.ema {
+            tensors.push((EMA_TENSOR.into(), &shape, ema));
+        }
+        let bytes = serialize_f32(&path, &tensors)?;
         write_synced(&path, &bytes)?;
         let record = ShardRecord {
             entry: ShardEntry {
@@ -426,6 +433,66 @@ impl Loaded {
         }
         Ok((m, v))
     }
+
+    /// Whether the checkpoint holds an EMA of the weights (`training.ema`).
+    pub fn has_ema(&self) -> bool {
+        !self.optimizer.is_empty() && self.optimizer.iter().all(|s| s.ema.is_some())
+    }
+
+    /// The EMA of `[offset, offset + len)` of the flat vector, from whatever shards were
+    /// saved (any world size); `None` when the checkpoint has no EMA.
+    pub fn ema_range(&self, offset: usize, len: usize) -> Result<Option<Vec<f32>>> {
+        if !self.has_ema() {
+            return Ok(None);
+        }
+        let mut out = vec![0.0; len];
+        let mut covered = 0;
+        for shard in &self.optimizer {
+            let Some(ema) = &shard.ema else { continue };
+            let start = shard.offset.max(offset);
+            let end = (shard.offset + ema.len()).min(offset + len);
+            if start < end {
+                out[start - offset..end - offset]
+                    .copy_from_slice(&ema[start - shard.offset..end - shard.offset]);
+                covered += end - start;
+            }
+        }
+        let wanted = (offset + len)
+            .min(self.meta.flat_len)
+            .saturating_sub(offset);
+        if covered < wanted {
+            return Err(format_err(
+                &self.path,
+                format!(
+                    "EMA shards cover {covered} of the {wanted} values in [{offset}, {})",
+                    offset + len
+                ),
+            ));
+        }
+        Ok(Some(out))
+    }
+
+    /// The EMA as named tensors in fingerprint order (what `sepdist export --ema` writes);
+    /// `None` when the checkpoint has no EMA.
+    pub fn ema_weights(&self) -> Result<Option<Vec<(String, HostTensor)>>> {
+        let Some(flat) = self.ema_range(0, self.meta.flat_len)? else {
+            return Ok(None);
+        };
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.weights.len());
+        for (name, t) in &self.weights {
+            let n = t.data.len();
+            out.push((
+                name.clone(),
+                HostTensor {
+                    shape: t.shape.clone(),
+                    data: flat[at..at + n].to_vec(),
+                },
+            ));
+            at += n;
+        }
+        Ok(Some(out))
+    }
 }
 
 fn read_verified(dir: &Path, file: &str, meta: &Meta) -> Result<Vec<u8>> {
@@ -515,13 +582,22 @@ pub fn load(dir: &Path, expected: Option<&Fingerprint>) -> Result<Loaded> {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&path, e.to_string()))?;
         let m = f32_tensor(&path, &st, "exp_avg")?;
         let v = f32_tensor(&path, &st, "exp_avg_sq")?;
-        if m.data.len() != entry.len || v.data.len() != entry.len {
+        let ema = if st.names().contains(&EMA_TENSOR) {
+            Some(f32_tensor(&path, &st, EMA_TENSOR)?.data)
+        } else {
+            None
+        };
+        if m.data.len() != entry.len
+            || v.data.len() != entry.len
+            || ema.as_ref().is_some_and(|e| e.len() != entry.len)
+        {
             return Err(format_err(&path, "shard length differs from meta.json"));
         }
         optimizer.push(OptimizerShard {
             offset: entry.offset,
             exp_avg: m.data,
             exp_avg_sq: v.data,
+            ema,
         });
     }
     Ok(Loaded {
@@ -533,11 +609,22 @@ pub fn load(dir: &Path, expected: Option<&Fingerprint>) -> Result<Loaded> {
 }
 
 /// Checkpoint directories of `parent`, newest (highest step, then latest written) first.
+/// Directories whose `meta.json` cannot be read are left out ([`resolve_reporting`] reports
+/// them); hidden ones (staging, `.NAME.old`) are never checkpoints.
 pub fn list(parent: &Path) -> Result<Vec<(PathBuf, Meta)>> {
+    Ok(scan(parent)?.0)
+}
+
+/// The checkpoints of a directory as [`list`] orders them, and the errors of the visible
+/// directories whose `meta.json` is missing or unreadable.
+type Scan = (Vec<(PathBuf, Meta)>, Vec<CheckpointError>);
+
+fn scan(parent: &Path) -> Result<Scan> {
     let mut found = Vec::new();
+    let mut unreadable = Vec::new();
     let entries = match fs::read_dir(parent) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
         Err(e) => return Err(io(parent)(e)),
     };
     for entry in entries {
@@ -547,28 +634,49 @@ pub fn list(parent: &Path) -> Result<Vec<(PathBuf, Meta)>> {
             .and_then(|n| n.to_str())
             .is_none_or(|n| n.starts_with('.'));
         if path.is_dir() && !hidden {
-            if let Ok(meta) = read_meta(&path) {
-                let written = fs::metadata(path.join(META_FILE))
-                    .and_then(|m| m.modified())
-                    .ok();
-                found.push((path, meta, written));
+            match read_meta(&path) {
+                Ok(meta) => {
+                    let written = fs::metadata(path.join(META_FILE))
+                        .and_then(|m| m.modified())
+                        .ok();
+                    found.push((path, meta, written));
+                }
+                Err(e) => unreadable.push((path, e)),
             }
         }
     }
     found.sort_by_key(|f| std::cmp::Reverse((f.1.step, f.2)));
-    Ok(found.into_iter().map(|(p, m, _)| (p, m)).collect())
+    unreadable.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok((
+        found.into_iter().map(|(p, m, _)| (p, m)).collect(),
+        unreadable.into_iter().map(|(_, e)| e).collect(),
+    ))
 }
 
 /// What `--resume` names: `auto` is the newest checkpoint of `parent` that loads and
 /// verifies (falling back past corrupted ones), `latest` the one the pointer names, anything
 /// else a checkpoint directory.
 pub fn resolve(parent: &Path, spec: &str, expected: Option<&Fingerprint>) -> Result<Loaded> {
+    resolve_reporting(parent, spec, expected).map(|(loaded, _)| loaded)
+}
+
+/// [`resolve`], with the reasons `auto` passed over checkpoints: the newer ones that failed to
+/// load or verify, and any directory whose `meta.json` is missing or unreadable (one line
+/// each, naming the file). Empty for `latest` and a path, which refuse a bad checkpoint
+/// instead. With no checkpoint at all, `auto` fails with [`CheckpointError::NoneValid`] and
+/// an empty `rejected`: nothing to resume, start fresh.
+pub fn resolve_reporting(
+    parent: &Path,
+    spec: &str,
+    expected: Option<&Fingerprint>,
+) -> Result<(Loaded, Vec<String>)> {
     match spec {
         "auto" => {
-            let mut rejected = Vec::new();
-            for (path, _) in list(parent)? {
+            let (candidates, unreadable) = scan(parent)?;
+            let mut rejected: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
+            for (path, _) in candidates {
                 match load(&path, expected) {
-                    Ok(loaded) => return Ok(loaded),
+                    Ok(loaded) => return Ok((loaded, rejected)),
                     Err(e) => rejected.push(e.to_string()),
                 }
             }
@@ -580,9 +688,9 @@ pub fn resolve(parent: &Path, spec: &str, expected: Option<&Fingerprint>) -> Res
         "latest" => {
             let pointer = parent.join(LATEST_FILE);
             let name = fs::read_to_string(&pointer).map_err(io(&pointer))?;
-            load(&parent.join(name.trim()), expected)
+            Ok((load(&parent.join(name.trim()), expected)?, Vec::new()))
         }
-        path => load(Path::new(path), expected),
+        path => Ok((load(Path::new(path), expected)?, Vec::new())),
     }
 }
 

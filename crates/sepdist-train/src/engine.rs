@@ -83,6 +83,7 @@ impl FlatLayout {
 pub struct LossValues {
     pub total: f64,
     pub waveform: f64,
+    pub mse: f64,
     pub multi_stft: f64,
 }
 
@@ -90,9 +91,28 @@ impl LossValues {
     pub fn add(&mut self, other: LossValues, weight: f64) {
         self.total += weight * other.total;
         self.waveform += weight * other.waveform;
+        self.mse += weight * other.mse;
         self.multi_stft += weight * other.multi_stft;
     }
 }
+
+/// Where the engine is inside a micro-batch, reported to an [`EngineProbe`] (memory
+/// accounting: the trainer switches the memory meter's phase on these events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// Before the mixture STFT: nothing of the micro-batch's graph exists yet.
+    ForwardStart,
+    /// Block `i`'s forward is done (its graph or its input is kept).
+    BlockForward(usize),
+    /// The loss is computed (every kept activation and the head/loss graph are alive); the
+    /// backward starts.
+    BackwardStart,
+    /// Block `i`'s backward is done and its graph and gradient store are dropped.
+    BlockBackward(usize),
+}
+
+/// Observer of [`EngineEvent`]s.
+pub type EngineProbe = std::sync::Arc<dyn Fn(EngineEvent) + Send + Sync>;
 
 /// What the forward keeps of a block for its backward.
 enum Kept {
@@ -113,6 +133,7 @@ pub struct Engine {
     block_params: Vec<Vec<usize>>,
     recompute: bool,
     device: Device,
+    probe: Option<EngineProbe>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -174,7 +195,19 @@ impl Engine {
             block_params,
             recompute,
             device,
+            probe: None,
         })
+    }
+
+    /// Reports the micro-batch's progress to `probe` (memory accounting).
+    pub fn set_probe(&mut self, probe: Option<EngineProbe>) {
+        self.probe = probe;
+    }
+
+    fn mark(&self, event: EngineEvent) {
+        if let Some(probe) = &self.probe {
+            probe(event);
+        }
     }
 
     pub fn layout(&self) -> &FlatLayout {
@@ -265,6 +298,7 @@ impl Engine {
         flat_grads: &mut [f32],
         mut block_done: impl FnMut(usize, &[f32]) -> Result<(), E>,
     ) -> Result<LossValues, E> {
+        self.mark(EngineEvent::ForwardStart);
         let ctx = self.separator.prepare_context(mixture)?;
         let blocks = self.separator.blocks();
         let last = blocks.len() - 1;
@@ -289,6 +323,7 @@ impl Engine {
                 x = y.detach();
                 kept.push(Kept::Graph { input, output: y });
             }
+            self.mark(EngineEvent::BlockForward(i));
         }
         // Head and loss: one backward from the loss gives the head's gradients and `g`.
         let head_in = Var::from_tensor(&x)?;
@@ -298,8 +333,11 @@ impl Engine {
         let values = LossValues {
             total: scalar(&parts.total)?,
             waveform: scalar(&parts.waveform)?,
+            mse: scalar(&parts.mse)?,
             multi_stft: scalar(&parts.multi_stft)?,
         };
+        self.mark(EngineEvent::BlockForward(last));
+        self.mark(EngineEvent::BackwardStart);
         let grads = parts.total.backward()?;
         drop((parts, estimate));
         self.accumulate(last, &grads, flat_grads)?;
@@ -309,6 +347,7 @@ impl Engine {
             .cloned()
             .unwrap_or(x.zeros_like()?);
         drop(grads);
+        self.mark(EngineEvent::BlockBackward(last));
         for i in (0..last).rev() {
             let (input, y) = match kept.pop() {
                 Some(Kept::Graph { input, output }) => (input, output),
@@ -336,6 +375,8 @@ impl Engine {
                     .cloned()
                     .unwrap_or(v.as_tensor().zeros_like()?);
             }
+            drop((grads, input));
+            self.mark(EngineEvent::BlockBackward(i));
         }
         Ok(values)
     }
@@ -351,6 +392,7 @@ impl Engine {
         let values = LossValues {
             total: scalar(&parts.total)?,
             waveform: scalar(&parts.waveform)?,
+            mse: scalar(&parts.mse)?,
             multi_stft: scalar(&parts.multi_stft)?,
         };
         Ok((values, estimate))

@@ -180,8 +180,33 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
 }
 
 impl Inference {
-    /// Loads a checkpoint (see [`checkpoint_dir`] for what `path` may name) on the CPU.
+    /// Loads a checkpoint (see [`checkpoint_dir`] for what `path` may name), or a weights file
+    /// written by `sepdist export`, on the CPU.
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let file = crate::export::read(path)?;
+            let separator =
+                Separator::with_sources(&file.config.model, &file.config.dataset.sources)?;
+            let specs = separator.param_specs();
+            let matches = specs.len() == file.weights.len()
+                && specs
+                    .iter()
+                    .zip(&file.weights)
+                    .all(|(s, (name, t))| s.name == *name && s.shape == t.shape);
+            if !matches {
+                return Err(InferError::Argument(format!(
+                    "{}: its tensors do not match the model its config describes",
+                    path.display()
+                )));
+            }
+            return Self::with_weights(
+                separator,
+                file.weights,
+                file.config,
+                path.to_path_buf(),
+                file.step,
+            );
+        }
         let dir = checkpoint_dir(path)?;
         let meta = checkpoint::read_meta(&dir)?;
         let meta_path = dir.join(checkpoint::META_FILE);
@@ -196,9 +221,19 @@ impl Inference {
             path: meta_path.clone(),
             source: Box::new(e),
         })?;
-        let separator = Separator::new(&config.model, config.dataset.sources.len())?;
+        let separator = Separator::with_sources(&config.model, &config.dataset.sources)?;
         let fingerprint = FlatLayout::new(separator.param_specs()).fingerprint();
         let Loaded { weights, meta, .. } = checkpoint::load(&dir, Some(&fingerprint))?;
+        Self::with_weights(separator, weights, config, dir, meta.step)
+    }
+
+    fn with_weights(
+        separator: Separator,
+        weights: Vec<(String, checkpoint::HostTensor)>,
+        config: Config,
+        checkpoint: PathBuf,
+        step: u64,
+    ) -> Result<Self> {
         let device = Device::Cpu;
         let mut params = BTreeMap::new();
         for (name, t) in weights {
@@ -208,8 +243,8 @@ impl Inference {
             separator,
             params,
             config,
-            checkpoint: dir,
-            step: meta.step,
+            checkpoint,
+            step,
             device,
         })
     }
@@ -226,7 +261,7 @@ impl Inference {
         &self.config.dataset.sources
     }
 
-    /// The checkpoint directory loaded.
+    /// The checkpoint directory (or exported weights file) loaded.
     pub fn checkpoint(&self) -> &Path {
         &self.checkpoint
     }
@@ -266,8 +301,25 @@ impl Inference {
         if options.batch == 0 {
             return Err(InferError::Argument("batch must be at least 1".into()));
         }
-        let overlap = ((chunk as f64) * options.overlap).round() as usize;
-        Ok((chunk, (chunk - overlap).max(1)))
+        Ok(Self::chunk_and_hop(chunk, options.overlap))
+    }
+
+    fn chunk_and_hop(chunk: usize, overlap: f64) -> (usize, usize) {
+        let overlap = ((chunk as f64) * overlap).round() as usize;
+        (chunk, chunk.saturating_sub(overlap).max(1))
+    }
+
+    /// [`Self::chunking`] for a song of `frames` frames: a chunk never exceeds the song (nor
+    /// is shorter than the model's minimum), so an oversized `--chunk-seconds` costs no
+    /// memory beyond the song itself.
+    pub fn chunking_for(&self, options: &ChunkOptions, frames: usize) -> Result<(usize, usize)> {
+        let (chunk, hop) = self.chunking(options)?;
+        let min = self.config.model.n_fft / 2 + 1;
+        let fitted = frames.max(min);
+        if chunk <= fitted {
+            return Ok((chunk, hop));
+        }
+        Ok(Self::chunk_and_hop(fitted, options.overlap))
     }
 
     /// Separates `mixture` (`[2, N]` channel-major at [`Self::sample_rate`]) and returns
@@ -315,7 +367,7 @@ impl Inference {
         if n == 0 {
             return Ok(());
         }
-        let (chunk, hop) = self.chunking(options)?;
+        let (chunk, hop) = self.chunking_for(options, n)?;
         let overlap = chunk - hop;
         let rows = 2 * self.sources().len();
         let window = options.window.weights(chunk, overlap);

@@ -2,13 +2,16 @@
 //! flat buffers: AdamW, global-norm clipping, the learning-rate schedule, and the
 //! checkpoint directory format.
 
+pub mod bench;
 pub mod buckets;
 pub mod checkpoint;
 pub mod engine;
 pub mod evaluate;
+pub mod export;
 pub mod infer;
 pub mod memory;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod progress;
 pub mod schedule;

@@ -1,7 +1,9 @@
 //! Learning rate per optimizer step: linear warmup, then cosine, linear or constant decay to
-//! the end of training. A pure function of the step, so resuming needs only the counter.
+//! the end of training. A pure function of the step, so resuming needs only the counter —
+//! times the reduce-on-plateau scale ([`Plateau`]), whose small state is saved in checkpoints.
 
-use sepdist_config::{LrDecay, LrScheduleConfig};
+use sepdist_config::{LrDecay, LrScheduleConfig, PlateauConfig};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LrSchedule {
@@ -36,9 +38,82 @@ impl LrSchedule {
     }
 }
 
+/// Reduce-on-plateau state: PyTorch's `ReduceLROnPlateau` in `max` mode with an absolute
+/// threshold and no cooldown, observed once per validation. After more than `patience`
+/// validations in a row without beating the best by more than `threshold`, the scale is
+/// multiplied by `factor` (never below `min_lr / base_lr`) and the count restarts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plateau {
+    pub best: Option<f64>,
+    /// Validations since the last improvement (or reduction).
+    pub bad: u64,
+    /// Reductions applied so far.
+    pub reductions: u32,
+}
+
+impl Plateau {
+    /// Records a validation metric (higher is better); true when it reduced the rate.
+    pub fn observe(&mut self, metric: f64, cfg: &PlateauConfig, base_lr: f64) -> bool {
+        if self.best.is_none_or(|best| metric > best + cfg.threshold) {
+            self.best = Some(metric);
+            self.bad = 0;
+            return false;
+        }
+        self.bad += 1;
+        if self.bad <= cfg.patience {
+            return false;
+        }
+        self.bad = 0;
+        // At the floor already: nothing to reduce (PyTorch's `eps` check).
+        if self.scale(cfg, base_lr) <= cfg.min_lr / base_lr {
+            return false;
+        }
+        self.reductions += 1;
+        true
+    }
+
+    /// Factor applied to the scheduled rate: `max(factor^reductions, min_lr / base_lr)`.
+    pub fn scale(&self, cfg: &PlateauConfig, base_lr: f64) -> f64 {
+        let reductions = i32::try_from(self.reductions).unwrap_or(i32::MAX);
+        cfg.factor.powi(reductions).max(cfg.min_lr / base_lr)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plateau_reduces_after_patience_bad_validations_down_to_the_floor() {
+        let cfg = PlateauConfig {
+            patience: 2,
+            factor: 0.5,
+            min_lr: 2e-4,
+            threshold: 0.1,
+        };
+        let base = 1e-3;
+        let mut p = Plateau::default();
+        // 1.0 is the first best; 1.05 does not beat it by more than 0.1: bad.
+        let reduced: Vec<bool> = [1.0, 1.05, 0.9, 0.8, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5]
+            .iter()
+            .map(|&m| p.observe(m, &cfg, base))
+            .collect();
+        assert_eq!(
+            reduced,
+            [
+                false, false, false, true, // third bad validation after the best: reduced
+                false, false, false, true, // 1.5 is a new best, then three bad ones
+                false, false, true, false, // 0.25 would be under the floor: 0.2
+            ]
+        );
+        assert_eq!(p.reductions, 3);
+        assert!((p.scale(&cfg, base) - 0.2).abs() < 1e-12);
+        // At the floor, further plateaus change nothing.
+        for _ in 0..3 {
+            assert!(!p.observe(1.5, &cfg, base));
+        }
+        assert_eq!(p.reductions, 3);
+    }
 
     fn schedule(decay: LrDecay) -> LrSchedule {
         LrSchedule {

@@ -9,7 +9,7 @@ use crate::engine::{Engine, LossValues, batch_tensors};
 use crate::memory::{HeapCounter, MemoryMeter, Phase};
 use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::progress::{MetricsWriter, Progress, StepReport};
-use crate::schedule::LrSchedule;
+use crate::schedule::{LrSchedule, Plateau};
 use candle_core::{DType, Device, Tensor};
 use sepdist_comm::{CommError, Communicator, PendingReduce};
 use sepdist_config::{Config, Precision};
@@ -47,6 +47,28 @@ pub enum TrainError {
     NonFinite { step: u64, consecutive: u64 },
     #[error("{0}")]
     Setup(String),
+    #[error(
+        "cannot write checkpoint {name} in {} (the checkpoints already there are unchanged): {source}",
+        dir.display()
+    )]
+    Save {
+        name: String,
+        dir: PathBuf,
+        source: CheckpointError,
+    },
+}
+
+/// A checkpoint that could not be written (unwritable or full output directory) says which
+/// and that the earlier ones are intact; other errors (a collective's deadline) are kept.
+fn saving<'a>(name: &'a str, dir: &'a Path) -> impl FnOnce(TrainError) -> TrainError + 'a {
+    move |e| match e {
+        TrainError::Checkpoint(source) => TrainError::Save {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            source,
+        },
+        other => other,
+    }
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -55,7 +77,16 @@ impl From<candle_core::Error> for TrainError {
     }
 }
 
+/// Signal numbers (Linux) of the stop requests the CLI forwards through `TrainRequest::stop`.
+const SIGINT: usize = 2;
+const SIGUSR1: usize = 10;
 const SIGTERM: usize = 15;
+
+/// Validation sums before the per-(track, source) SDR sums.
+const VALID_HEAD: usize = 5;
+/// The stop requests the ranks agree on, in order of precedence when ranks saw different
+/// ones: an interrupt or a termination wins over a requeue request (SIGUSR1).
+const STOP_SIGNALS: [usize; 3] = [SIGINT, SIGTERM, SIGUSR1];
 
 /// Test hooks, set by the CLI from `SEPDIST_TEST_*` environment variables.
 #[derive(Debug, Clone, Default)]
@@ -74,11 +105,14 @@ pub struct TrainRequest {
     /// A checkpoint whose matching weights start the model (fine-tuning, fresh optimizer).
     pub init_from: Option<PathBuf>,
     pub heap: &'static dyn HeapCounter,
-    /// Signal number to stop at the next step boundary; 0 while running.
+    /// Signal number to stop at the next step boundary (SIGINT, SIGTERM or SIGUSR1; any other
+    /// counts as SIGTERM); 0 while running. The ranks stop after the same step.
     pub stop: Arc<AtomicUsize>,
     /// Progress bars on a terminal, plain lines otherwise.
     pub terminal: bool,
     pub hooks: TestHooks,
+    /// Print the measured memory breakdown next to the plan's prediction at the end.
+    pub memory_report: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +136,13 @@ struct TrainerState {
     /// Best mean validation uSDR so far (dB; higher is better).
     best_usdr: Option<f64>,
     samples_seen: u64,
+    /// Reduce-on-plateau state (`training.lr_schedule.plateau`).
+    #[serde(default)]
+    plateau: Plateau,
+    /// Step of the last scheduled validation: a run stopped by a signal checkpoints before
+    /// the validation due at that step, and the resumed run makes it up first.
+    #[serde(default)]
+    validated_step: Option<u64>,
 }
 
 /// One metrics record (`metrics.jsonl`).
@@ -113,6 +154,7 @@ struct StepRecord<'a> {
     loss: f64,
     loss_waveform: f64,
     loss_multi_stft: f64,
+    loss_mse: f64,
     lr: f64,
     grad_norm: f64,
     skipped: bool,
@@ -122,6 +164,9 @@ struct StepRecord<'a> {
     mem_peak_allocated: usize,
     mem_reserved: usize,
     mem_peak_reserved: usize,
+    /// Per-phase peaks and activation levels of this step.
+    #[serde(flatten)]
+    memory_phases: crate::memory::StepMemory,
 }
 
 struct Trainer<'c> {
@@ -136,18 +181,30 @@ struct Trainer<'c> {
     grads: Vec<f32>,
     /// Scratch for ZeRO-2's reduce-scattered gradient shard.
     grad_shard: Vec<f32>,
+    /// EMA of the weights over `shard` (`training.ema`), fp32, sharded like the optimizer.
+    ema: Option<Vec<f32>>,
     buckets: BucketPlan,
     fingerprint: Fingerprint,
     schedule: Schedule,
     lr: LrSchedule,
     ckpt_dir: PathBuf,
     state: TrainerState,
-    meter: MemoryMeter,
+    meter: Arc<MemoryMeter>,
     progress: Progress,
     valid: Vec<sepdist_data::Track>,
     sample_rate: u32,
     /// TensorBoard events in `OUTPUT_DIR/tb` (rank 0 only).
     tb: Option<crate::tensorboard::TbWriter>,
+    /// What the ranks are doing ("optimizer step 7"), for the collective-deadline message.
+    activity: String,
+}
+
+/// `ema ← m·ema + (1 − m)·weights`, in fp32 in this order (the tests reproduce it bitwise).
+fn ema_update(ema: &mut [f32], weights: &[f32], momentum: f64) {
+    let (m, rest) = (momentum as f32, (1.0 - momentum) as f32);
+    for (e, w) in ema.iter_mut().zip(weights) {
+        *e = m * *e + rest * *w;
+    }
 }
 
 /// Bytes every rank must agree on before training: the parameter fingerprint and the
@@ -199,11 +256,14 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     let steps_per_epoch = schedule.steps_per_epoch();
     let total_steps = t.max_steps.unwrap_or(t.epochs as u64 * steps_per_epoch);
 
-    let separator = Separator::new(&cfg.model, cfg.dataset.sources.len())?;
+    let separator = Separator::with_sources(&cfg.model, &cfg.dataset.sources)?;
     let init = separator.init_params(t.seed, &device, DType::F32)?;
-    let loss = SeparationLoss::new(&t.loss)?;
-    let engine = Engine::new(separator, loss, &init, t.gradient_checkpointing, device)?;
+    let loss = SeparationLoss::for_sources(&t.loss, &cfg.dataset.sources)?;
+    let mut engine = Engine::new(separator, loss, &init, t.gradient_checkpointing, device)?;
     drop(init);
+    // The engine reports forward/backward boundaries to the memory meter.
+    let meter = Arc::new(MemoryMeter::new(req.heap));
+    engine.set_probe(Some(meter.probe()));
     let fingerprint = engine.layout().fingerprint();
 
     // Every rank must build the same model from the same config.
@@ -226,6 +286,7 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     let mut flat = engine.flat_params()?;
     let n = flat.len();
     let padded = n.div_ceil(world) * world;
+    flat.reserve_exact(padded - n); // no amortised doubling of the master copy
     flat.resize(padded, 0.0);
     let zero_stage = cfg.distributed.zero_stage;
     let shard = if zero_stage == 0 {
@@ -240,7 +301,16 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     let mut trainer = Trainer {
         adam: AdamW::new(AdamWHyper::from(&t.optimizer), shard.len()),
         grads: vec![0.0; padded],
-        grad_shard: vec![0.0; padded / world],
+        // Only ZeRO-2 with several ranks reduce-scatters into it.
+        grad_shard: vec![
+            0.0;
+            if zero_stage >= 2 && world > 1 {
+                padded / world
+            } else {
+                0
+            }
+        ],
+        ema: None,
         shard,
         buckets,
         flat,
@@ -249,11 +319,12 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         lr: LrSchedule::new(t.optimizer.lr, &t.lr_schedule, total_steps),
         ckpt_dir: t.output_dir.join("checkpoints"),
         state: TrainerState::default(),
-        meter: MemoryMeter::new(req.heap),
+        meter,
         progress: Progress::new(terminal, t.log_every),
         valid: data.valid.clone(),
         sample_rate: data.sample_rate,
         tb: None,
+        activity: "start-up".into(),
         engine,
         comm,
         cfg: cfg.clone(),
@@ -266,10 +337,16 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         total_steps,
         sampler,
     );
+    if req.memory_report && result.is_ok() {
+        trainer.say(&trainer.memory_report());
+    }
     if let Err(TrainError::Comm(e @ CommError::Timeout { .. })) = &result {
         // A rank is gone or stuck: nothing can be agreed on any more. Say where, end the job.
         // One write, so the launcher forwards the line whole before the abort.
-        let line = format!("error: rank {rank}: {e}; aborting the job\n");
+        let line = format!(
+            "error: rank {rank}: {}: {e}; aborting the job\n",
+            trainer.activity
+        );
         let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         trainer.comm.abort(1);
     }
@@ -277,6 +354,41 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
 }
 
 impl Trainer<'_> {
+    /// `--memory-report`: this rank's measured heap by buffer, next to the plan.
+    fn memory_report(&self) -> String {
+        let (cfg, f32s) = (&self.cfg, std::mem::size_of::<f32>());
+        let audio = cfg.training.batch_size
+            * (1 + cfg.dataset.sources.len())
+            * 2
+            * cfg.dataset.segment_length
+            * f32s;
+        // Batches the loader holds ready at the reported step's first micro-batch.
+        let t = &cfg.training;
+        let (index, _) = self.meter.reported_step();
+        let total = t
+            .max_steps
+            .unwrap_or(t.epochs as u64 * self.schedule.steps_per_epoch());
+        let acc = t.gradient_accumulation_steps as u64;
+        let left = (total * acc).saturating_sub(index as u64 * acc + 1);
+        let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
+        let known = crate::memory::KnownBuffers {
+            parameters: (self.engine.layout().len + self.flat.capacity()) * f32s,
+            gradients: (self.grads.capacity() + self.grad_shard.capacity()) * f32s,
+            optimizer: (self.adam.exp_avg.capacity()
+                + self.adam.exp_avg_sq.capacity()
+                + self.ema.as_ref().map_or(0, Vec::capacity))
+                * f32s,
+            // The batch in use (vectors and tensors) and the loader's prefetched ones.
+            data: (2 + prefetched) * audio,
+        };
+        let device =
+            crate::plan::DeviceSpec::new(crate::plan::DeviceKind::Cpu, crate::plan::cpu_threads());
+        let predicted = crate::plan::Planner::new(cfg, self.comm.world_size(), device)
+            .ok()
+            .map(|p| p.predict(&p.configured()));
+        crate::memory::report(&self.meter, &known, predicted.as_ref())
+    }
+
     fn rank0(&self) -> bool {
         self.comm.rank() == 0
     }
@@ -303,6 +415,10 @@ impl Trainer<'_> {
         let mut step = 0;
         if let Some(path) = init_from {
             self.init_from(path)?;
+        }
+        if t.ema.is_some() {
+            // The average starts at the initial weights (resume replaces it).
+            self.ema = Some(self.flat[self.shard.clone()].to_vec());
         }
         if let Some(spec) = resume {
             if let Some(s) = self.resume(spec)? {
@@ -342,6 +458,10 @@ impl Trainer<'_> {
         if step == 0 {
             // The starting point, so the log shows what training gained.
             self.validate(0, metrics.as_mut(), false)?;
+        } else if self.validation_due(step) && self.state.validated_step != Some(step) {
+            // Same weights and state as the uninterrupted run at this point: same decisions
+            // (best_model, plateau).
+            self.validate(step, metrics.as_mut(), true)?;
         }
         let mut last_saved = None;
         while step < total_steps {
@@ -353,11 +473,14 @@ impl Trainer<'_> {
                 stop.load(Ordering::SeqCst)
             };
             let started = Instant::now();
+            self.activity = format!("optimizer step {}", step + 1);
             let record = self.step(step, &mut loader, hooks, local_signal)?;
             step += 1;
+            self.activity = format!("validation or checkpoint after optimizer step {step}");
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let samples_per_s = self.schedule.global_batch() as f64 / elapsed;
             let memory = self.meter.snapshot();
+            let memory_phases = self.meter.take_step();
             let epoch = (step - 1) / steps_per_epoch;
             if let Some(metrics) = metrics.as_mut() {
                 self.progress.update(&StepReport {
@@ -377,6 +500,7 @@ impl Trainer<'_> {
                         loss: record.losses.total,
                         loss_waveform: record.losses.waveform,
                         loss_multi_stft: record.losses.multi_stft,
+                        loss_mse: record.losses.mse,
                         lr: record.lr,
                         grad_norm: record.grad_norm,
                         skipped: record.skipped,
@@ -386,6 +510,7 @@ impl Trainer<'_> {
                         mem_peak_allocated: memory.peak_allocated,
                         mem_reserved: memory.reserved,
                         mem_peak_reserved: memory.peak_reserved,
+                        memory_phases,
                     })
                     .map_err(io(&t.output_dir))?;
             }
@@ -394,6 +519,7 @@ impl Trainer<'_> {
                     ("train/loss", record.losses.total),
                     ("train/loss_waveform", record.losses.waveform),
                     ("train/loss_multi_stft", record.losses.multi_stft),
+                    ("train/loss_mse", record.losses.mse),
                     ("train/lr", record.lr),
                     ("train/grad_norm", record.grad_norm),
                     ("train/samples_per_s", samples_per_s),
@@ -417,7 +543,7 @@ impl Trainer<'_> {
                 });
             }
             let epoch_end = step % steps_per_epoch == 0;
-            if (t.eval_every > 0 && step % t.eval_every == 0) || epoch_end {
+            if self.validation_due(step) {
                 self.validate(step, metrics.as_mut(), true)?;
             }
             if epoch_end {
@@ -550,12 +676,21 @@ impl Trainer<'_> {
         } else {
             sum_of_squares(&self.grads[shard.clone()])
         };
+        // Then, per stop request, how many ranks saw it.
+        let local_signal = match local_signal {
+            0 => 0,
+            s if STOP_SIGNALS.contains(&s) => s,
+            _ => SIGTERM,
+        };
         let mut scalars = [
             losses.total,
             losses.waveform,
             losses.multi_stft,
+            losses.mse,
             norm_partial,
-            local_signal as f64,
+            f64::from(u8::from(local_signal == STOP_SIGNALS[0])),
+            f64::from(u8::from(local_signal == STOP_SIGNALS[1])),
+            f64::from(u8::from(local_signal == STOP_SIGNALS[2])),
         ];
         self.comm.all_reduce_sum_f64(&mut scalars)?;
         let w = world as f64;
@@ -563,19 +698,16 @@ impl Trainer<'_> {
             total: scalars[0] / w,
             waveform: scalars[1] / w,
             multi_stft: scalars[2] / w,
+            mse: scalars[3] / w,
         };
-        let norm = scalars[3].sqrt();
-        let signal = if scalars[4] > 0.0 {
-            // Several ranks may report signals; the first rank's own, else SIGTERM.
-            if local_signal != 0 {
-                local_signal
-            } else {
-                SIGTERM
-            }
-        } else {
-            0
-        };
-        let lr = self.lr.lr(step);
+        let norm = scalars[4].sqrt();
+        // Every rank derives the same signal from the same sums.
+        let signal = STOP_SIGNALS
+            .iter()
+            .zip(&scalars[5..])
+            .find(|(_, count)| **count > 0.0)
+            .map_or(0, |(s, _)| *s);
+        let lr = self.lr.lr(step) * self.lr_scale();
         self.state.samples_seen += self.schedule.global_batch();
         if !(losses.total.is_finite() && norm.is_finite()) {
             self.state.skipped_steps += 1;
@@ -614,6 +746,11 @@ impl Trainer<'_> {
                     &self.grads[shard.clone()],
                     lr,
                 );
+                if let (Some(ema), Some(e)) = (self.ema.as_mut(), &self.cfg.training.ema) {
+                    if self.adam.step % e.every == 0 {
+                        ema_update(ema, &self.flat[shard.clone()], e.momentum);
+                    }
+                }
                 if zero_stage >= 1 && world > 1 {
                     let mine = self.flat[shard.clone()].to_vec();
                     self.comm.all_gather(&mine, &mut self.flat)?;
@@ -643,6 +780,56 @@ impl Trainer<'_> {
         if self.valid.is_empty() {
             return Ok(());
         }
+        // With an EMA, validation (and so best_model) judges the averaged weights.
+        let ema = self.full_ema()?;
+        if let Some(ema) = &ema {
+            self.engine.load_flat(ema)?;
+        }
+        let result = self.validate_loaded(step, metrics, keep_best);
+        if ema.is_some() {
+            self.engine.load_flat(&self.flat)?;
+        }
+        result
+    }
+
+    /// The whole EMA vector (padded like `flat`) on every rank: shards are all-gathered.
+    fn full_ema(&self) -> Result<Option<Vec<f32>>, TrainError> {
+        let Some(ema) = &self.ema else {
+            return Ok(None);
+        };
+        if ema.len() == self.flat.len() {
+            return Ok(Some(ema.clone()));
+        }
+        let mut full = vec![0.0; self.flat.len()];
+        self.comm.all_gather(ema, &mut full)?;
+        Ok(Some(full))
+    }
+
+    /// Whether a validation is scheduled after optimizer step `step` (every `eval_every` steps
+    /// and at every epoch end).
+    fn validation_due(&self, step: u64) -> bool {
+        let every = self.cfg.training.eval_every;
+        (every > 0 && step % every == 0) || step % self.schedule.steps_per_epoch() == 0
+    }
+
+    /// Learning-rate factor of the reduce-on-plateau state (1 when it is off).
+    fn lr_scale(&self) -> f64 {
+        self.cfg
+            .training
+            .lr_schedule
+            .plateau
+            .as_ref()
+            .map_or(1.0, |p| {
+                self.state.plateau.scale(p, self.cfg.training.optimizer.lr)
+            })
+    }
+
+    fn validate_loaded(
+        &mut self,
+        step: u64,
+        metrics: Option<&mut MetricsWriter>,
+        keep_best: bool,
+    ) -> Result<(), TrainError> {
         let chunks = ChunkIter::new(
             self.valid.clone(),
             self.sample_rate,
@@ -657,9 +844,9 @@ impl Trainer<'_> {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        // [loss total, waveform, multi-STFT, chunks] then, per (track, source), Σs² and Σ(s−ŝ)²:
-        // summed over chunks and ranks, so the SDR is of whole tracks.
-        let mut sums = vec![0.0f64; 4 + 2 * self.valid.len() * n_sources];
+        // [loss total, waveform, multi-STFT, chunks, MSE] then, per (track, source), Σs² and
+        // Σ(s−ŝ)²: summed over chunks and ranks, so the SDR is of whole tracks.
+        let mut sums = vec![0.0f64; VALID_HEAD + 2 * self.valid.len() * n_sources];
         // The first chunk's separation, for listening in TensorBoard (rank 0 owns chunk 0).
         let mut excerpt: Option<(Vec<f32>, usize)> = None;
         let engine = &self.engine;
@@ -679,6 +866,7 @@ impl Trainer<'_> {
                     sums[1] += v.waveform;
                     sums[2] += v.multi_stft;
                     sums[3] += 1.0;
+                    sums[4] += v.mse;
                     let estimate = estimate.flatten_all()?.to_vec1::<f32>()?;
                     if i == 0 {
                         excerpt = Some((estimate.clone(), n));
@@ -689,7 +877,7 @@ impl Trainer<'_> {
                             let at = (s * 2 + c) * n;
                             // Only the real audio: the last chunk of a track is zero-padded.
                             let valid = at..at + chunk.valid_frames;
-                            let slot = 4 + 2 * (track * n_sources + s);
+                            let slot = VALID_HEAD + 2 * (track * n_sources + s);
                             for (&r, &e) in chunk.stems[valid.clone()].iter().zip(&estimate[valid])
                             {
                                 let (r, e) = (f64::from(r), f64::from(e));
@@ -707,6 +895,7 @@ impl Trainer<'_> {
             total: sums[0] / count,
             waveform: sums[1] / count,
             multi_stft: sums[2] / count,
+            mse: sums[4] / count,
         };
         let eps = sepdist_model::metrics::USDR_EPS;
         let tracks = self.valid.len() as f64;
@@ -714,7 +903,7 @@ impl Trainer<'_> {
             .map(|s| {
                 (0..self.valid.len())
                     .map(|t| {
-                        let slot = 4 + 2 * (t * n_sources + s);
+                        let slot = VALID_HEAD + 2 * (t * n_sources + s);
                         10.0 * ((sums[slot] + eps) / (sums[slot + 1] + eps)).log10()
                     })
                     .sum::<f64>()
@@ -742,6 +931,7 @@ impl Trainer<'_> {
                 "loss": mean.total,
                 "loss_waveform": mean.waveform,
                 "loss_multi_stft": mean.multi_stft,
+                "loss_mse": mean.mse,
                 "chunks": sums[3] as u64,
                 "usdr_mean": usdr_mean,
             });
@@ -772,6 +962,19 @@ impl Trainer<'_> {
                 }
             }
             tb.flush()?;
+        }
+        if keep_best {
+            self.state.validated_step = Some(step);
+        }
+        if let (true, Some(p)) = (keep_best, &self.cfg.training.lr_schedule.plateau) {
+            let base = self.cfg.training.optimizer.lr;
+            if self.state.plateau.observe(usdr_mean, p, base) {
+                self.say(&format!(
+                    "step {step}: no uSDR improvement for {} validations: learning rate scaled to {:.4} of the schedule",
+                    p.patience + 1,
+                    self.state.plateau.scale(p, base)
+                ));
+            }
         }
         if improved {
             self.state.best_usdr = Some(usdr_mean);
@@ -815,6 +1018,7 @@ impl Trainer<'_> {
                         offset: start,
                         exp_avg: self.adam.exp_avg[..end - start].to_vec(),
                         exp_avg_sq: self.adam.exp_avg_sq[..end - start].to_vec(),
+                        ema: self.ema.as_ref().map(|e| e[..end - start].to_vec()),
                     };
                     Some(staging.write_optimizer_shard(self.comm.rank(), &shard)?)
                 } else {
@@ -839,7 +1043,8 @@ impl Trainer<'_> {
                 // Nobody reads or prunes checkpoints before the commit is complete.
                 self.comm.barrier()?;
                 Ok(())
-            })?;
+            })
+            .map_err(saving(name, &self.ckpt_dir))?;
         self.say(&format!("saved checkpoint {}", path.display()));
         Ok(path)
     }
@@ -848,8 +1053,17 @@ impl Trainer<'_> {
     /// this rank reads its range of the flat optimizer state from whatever shards exist.
     /// `None` when `auto` finds none to resume.
     fn resume(&mut self, spec: &str) -> Result<Option<u64>, TrainError> {
-        let loaded = match checkpoint::resolve(&self.ckpt_dir, spec, Some(&self.fingerprint)) {
-            Ok(l) => l,
+        let resolved = checkpoint::resolve_reporting(&self.ckpt_dir, spec, Some(&self.fingerprint));
+        let loaded = match resolved {
+            Ok((l, passed_over)) => {
+                // `auto` fell back past corrupted or unreadable checkpoints: say which, why.
+                for reason in passed_over {
+                    self.say(&format!(
+                        "warning: --resume auto skipped a checkpoint: {reason}"
+                    ));
+                }
+                l
+            }
             Err(CheckpointError::NoneValid { rejected, .. })
                 if spec == "auto" && rejected.is_empty() =>
             {
@@ -869,6 +1083,15 @@ impl Trainer<'_> {
         self.adam.exp_avg = m;
         self.adam.exp_avg_sq = v;
         self.adam.step = loaded.meta.optimizer_updates;
+        if self.ema.is_some() {
+            self.ema = match loaded.ema_range(self.shard.start, self.shard.len())? {
+                Some(ema) => Some(ema),
+                None => {
+                    self.say("the checkpoint has no EMA: the average starts at its weights");
+                    Some(self.flat[self.shard.clone()].to_vec())
+                }
+            };
+        }
         self.state = serde_json::from_value(loaded.meta.trainer.clone()).map_err(|e| {
             TrainError::Setup(format!(
                 "{}: trainer state unreadable: {e}",
@@ -915,6 +1138,24 @@ impl Trainer<'_> {
             self.say(&format!(
                 "not loaded (kept their fresh initialisation):\n{}",
                 not_loaded.join("\n")
+            ));
+        }
+        // Sources the checkpoint has no mask estimator for (fine-tuning to new targets).
+        let fresh_heads: Vec<&String> = self
+            .cfg
+            .dataset
+            .sources
+            .iter()
+            .filter(|s| {
+                let prefix = format!("mask_estimators.{s}.");
+                !loaded.weights.iter().any(|(n, _)| n.starts_with(&prefix))
+            })
+            .collect();
+        if !fresh_heads.is_empty() {
+            let names: Vec<&str> = fresh_heads.iter().map(|s| s.as_str()).collect();
+            self.say(&format!(
+                "new mask estimators (initialised fresh): {}",
+                names.join(", ")
             ));
         }
         Ok(())

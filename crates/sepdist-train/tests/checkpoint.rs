@@ -51,6 +51,7 @@ fn save(parent: &Path, name: &str, step: u64, shards: usize) -> std::path::PathB
                     offset: range.start,
                     exp_avg: m[range.clone()].to_vec(),
                     exp_avg_sq: v[range].to_vec(),
+                    ema: None,
                 },
             )
             .unwrap();

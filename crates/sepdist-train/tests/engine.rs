@@ -28,6 +28,7 @@ fn tiny_loss() -> LossConfig {
         multi_stft_resolutions_window_sizes: vec![64, 32],
         multi_stft_hop_size: 16,
         multi_stft_min_n_fft: 32,
+        ..LossConfig::default()
     }
 }
 
