@@ -269,6 +269,12 @@ fn sigusr1_to_one_rank_of_a_slurm_job_stops_all_ranks_at_one_step_and_the_requeu
     assert!(signal(rank_pid(&split, 1), "USR1"));
     let out = job.finish();
     assert_eq!(out.status.code(), Some(REQUEUE), "{}", text(&out.stderr));
+    // Rank 0 leaves the marker the job scripts requeue on (mpiexec may drop exit code 75).
+    let marker = std::fs::read_to_string(split.join(sepdist_cli::REQUEUE_MARKER)).unwrap();
+    assert!(
+        marker.trim().parse::<u64>().is_ok_and(|step| step >= 2),
+        "{marker}"
+    );
     ran_as(2, &out);
     let stdout = text(&out.stdout);
     let step: u64 = stdout

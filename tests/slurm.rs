@@ -83,6 +83,13 @@ fn templates_have_one_rank_per_gpu_per_job_logs_the_warning_signal_and_requeue()
             script.contains(&format!("\nEXIT_REQUEUE={}\n", sepdist_cli::EXIT_REQUEUE)),
             "{path}: the requeue code differs from sepdist's"
         );
+        // mpiexec may exit 0 after forwarding SIGUSR1: the marker file decides then.
+        let marker = format!("\"$output_dir/{}\"", sepdist_cli::REQUEUE_MARKER);
+        assert!(
+            script.contains(&format!("rm -f {marker}"))
+                && script.contains(&format!("-f {marker} ]]")),
+            "{path}: the requeue marker {marker} is not removed before and checked after the launch"
+        );
         for needle in [
             "srun --mpi=pmix",
             "mpirun -n",

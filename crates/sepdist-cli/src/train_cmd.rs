@@ -15,6 +15,10 @@ pub const EXIT_SIGTERM: u8 = 143;
 /// sysexits.h ("try again later"); the `slurm/` templates requeue on it.
 pub const EXIT_REQUEUE: u8 = 75;
 
+/// File that rank 0 writes into `training.output_dir` when it stops for a requeue (SIGUSR1),
+/// holding the step: the SLURM templates remove it before launching and requeue when it exists.
+pub const REQUEUE_MARKER: &str = "requeue";
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// YAML config file (see configs/).
@@ -122,6 +126,7 @@ pub fn run(
     };
     let stop = Arc::new(AtomicUsize::new(0));
     install_stop_handlers(&stop)?;
+    let output_dir = config.training.output_dir.clone();
     use std::io::IsTerminal;
     let outcome = sepdist_train::train(
         TrainRequest {
@@ -161,6 +166,12 @@ pub fn run(
             };
             if rank == 0 {
                 if code == EXIT_REQUEUE {
+                    // The launcher may not pass exit code 75 on (MPICH's mpiexec often exits
+                    // 0 after forwarding SIGUSR1): the job scripts also look for this file.
+                    let marker = output_dir.join(REQUEUE_MARKER);
+                    if let Err(e) = std::fs::write(&marker, format!("{step}\n")) {
+                        eprintln!("warning: cannot write {}: {e}", marker.display());
+                    }
                     println!(
                         "stopped by signal {signal} (SIGUSR1) after step {step}; checkpoint {}; exit code {EXIT_REQUEUE}: requeue the job and resume with --resume auto",
                         checkpoint.display()
