@@ -1,36 +1,21 @@
-//! The flat-buffer side of a training step at the project's CPU bench size (the 13.0 M
-//! parameters of configs/bench_cpu.yaml): AdamW over the flat buffer, the global gradient norm,
+//! The flat-buffer side of a training step on the model of configs/bench_cpu.yaml (13.0 M
+//! parameters): AdamW over the flat buffer, the global gradient norm,
 //! copying the parameters out of the model into the flat buffer and back (what the trainer does
 //! around every optimizer step), and splitting the flat buffer into named tensors (checkpoints).
 
 use candle_core::{DType, Device};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sepdist_config::{Bands, LossConfig, ModelConfig, OptimizerConfig};
+use sepdist_config::{LossConfig, OptimizerConfig};
 use sepdist_model::Separator;
 use sepdist_model::loss::SeparationLoss;
 use sepdist_train::engine::Engine;
 use sepdist_train::optim::{AdamW, AdamWHyper, sum_of_squares};
 use std::hint::black_box;
 
-fn bench_config() -> ModelConfig {
-    ModelConfig {
-        n_fft: 2048,
-        hop_length: 512,
-        bands: Bands::BsRoformer62,
-        n_layers: 2,
-        emb_dim: 64,
-        n_heads: 4,
-        ffn_hidden_dim: [256, 256],
-        mask_hidden_dim: Some(256),
-        mask_depth: 2,
-    }
-}
-
 fn engine() -> Result<Engine, Box<dyn std::error::Error>> {
-    let sources: Vec<String> = ["drums", "bass", "other", "vocals"]
-        .map(String::from)
-        .into();
-    let sep = Separator::with_sources(&bench_config(), &sources)?;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/bench_cpu.yaml");
+    let cfg = sepdist_config::load_file(&path, &[])?;
+    let sep = Separator::with_sources(&cfg.model, &cfg.dataset.sources)?;
     let init = sep.init_params(0, &Device::Cpu, DType::F32)?;
     let loss = SeparationLoss::new(&LossConfig::default())?;
     Ok(Engine::new(sep, loss, &init, false, Device::Cpu)?)

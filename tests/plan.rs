@@ -280,7 +280,7 @@ fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
 /// The larger grid of `benches/plan_grid.sh` (not in CI): more shapes, micro-batches,
 /// segment lengths, layers, sources and, with `--features mpi`, ZeRO stages on 2 and 4 ranks.
 #[test]
-#[ignore]
+#[ignore = "the larger grid of benches/plan_grid.sh: 71 points, about a minute; not in CI"]
 fn larger_grid() {
     let mut points = Vec::new();
     for (layers, dim, heads, ffn) in [(1, 16, 2, 32), (2, 32, 2, 64), (3, 48, 4, 192)] {

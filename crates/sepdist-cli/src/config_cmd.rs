@@ -93,7 +93,7 @@ fn derived(c: &Config, world_size: Option<usize>) -> String {
 }
 
 /// `118872868` → `118,872,868`.
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {

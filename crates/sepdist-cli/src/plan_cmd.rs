@@ -93,18 +93,6 @@ pub fn run(args: PlanArgs) -> Result<u8, crate::Failure> {
     Ok(0)
 }
 
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 fn flops(x: f64) -> String {
     for (scale, unit) in [
         (1e15, "PFLOP"),
@@ -136,7 +124,7 @@ fn header(p: &Planner, args: &PlanArgs, budget: u64) -> String {
     let _ = writeln!(
         out,
         "model: {} parameters ({} in fp32); {} layers of (time, band) transformers, width {}, {} heads, FFN {:?}; {} sources",
-        thousands(base.params),
+        crate::config_cmd::thousands(base.params),
         format_bytes(base.params * 4),
         m.n_layers,
         m.emb_dim,

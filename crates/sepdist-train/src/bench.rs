@@ -16,7 +16,7 @@ use crate::trainer::TrainError;
 use candle_core::{DType, Device};
 use sepdist_comm::Communicator;
 use sepdist_config::{Config, Precision};
-use sepdist_data::{Loader, Musdb, Sampler, Schedule};
+use sepdist_data::{Loader, Sampler, Schedule};
 use sepdist_model::Separator;
 use sepdist_model::loss::SeparationLoss;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -94,14 +94,7 @@ pub fn bench(
     }
     let device = Device::Cpu;
     let (rank, world) = (comm.rank(), comm.world_size());
-    let data = if rank == 0 {
-        let data = Musdb::from_config(&cfg.dataset);
-        comm.barrier()?;
-        data?
-    } else {
-        comm.barrier()?;
-        Musdb::from_config(&cfg.dataset)?
-    };
+    let data = crate::trainer::open_dataset(cfg, comm)?;
     let sampler = Arc::new(Sampler::from_config(&data, cfg)?);
     let schedule = Schedule::from_config(cfg, world)?;
     let total = (warmup + steps) as u64;

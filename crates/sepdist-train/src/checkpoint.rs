@@ -234,7 +234,12 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn serialize_f32(path: &Path, tensors: &[(String, &[usize], &[f32])]) -> Result<Vec<u8>> {
+/// Safetensors bytes of fp32 tensors, with optional header metadata.
+pub(crate) fn serialize_f32(
+    path: &Path,
+    tensors: &[(String, &[usize], &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, s, d)| (n.clone(), f32_bytes(d), s.to_vec()))
@@ -245,7 +250,7 @@ fn serialize_f32(path: &Path, tensors: &[(String, &[usize], &[f32])]) -> Result<
             .map_err(|e| format_err(path, format!("tensor {name}: {e}")))?;
         views.push((name.clone(), view));
     }
-    safetensors::serialize(views, None).map_err(|e| format_err(path, e.to_string()))
+    safetensors::serialize(views, metadata).map_err(|e| format_err(path, e.to_string()))
 }
 
 /// A checkpoint being written: files go into a hidden directory beside the target and become
@@ -307,7 +312,7 @@ impl Staging {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape.as_slice(), t.data.as_slice()))
             .collect();
-        let bytes = serialize_f32(&path, &list)?;
+        let bytes = serialize_f32(&path, &list, None)?;
         self.add_file(WEIGHTS_FILE, &bytes)
     }
 
@@ -333,7 +338,7 @@ impl Staging {
         if let Some(ema) = &shard.ema {
             tensors.push((EMA_TENSOR.into(), &shape, ema));
         }
-        let bytes = serialize_f32(&path, &tensors)?;
+        let bytes = serialize_f32(&path, &tensors, None)?;
         write_synced(&path, &bytes)?;
         let record = ShardRecord {
             entry: ShardEntry {
@@ -505,7 +510,7 @@ fn read_verified(dir: &Path, file: &str, meta: &Meta) -> Result<Vec<u8>> {
     }
 }
 
-fn f32_tensor(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<HostTensor> {
+pub(crate) fn f32_tensor(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<HostTensor> {
     let view = st
         .tensor(name)
         .map_err(|e| format_err(path, format!("tensor {name}: {e}")))?;

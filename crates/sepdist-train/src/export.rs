@@ -8,7 +8,7 @@
 
 use crate::checkpoint::{self, HostTensor};
 use crate::infer::{InferError, Result, checkpoint_dir};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::SafeTensors;
 use sepdist_config::{Config, ConfigSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,21 +54,8 @@ pub fn export(path: &Path, out: &Path, ema: bool) -> Result<Exported> {
             )
         })?
     } else {
-        loaded.weights.clone()
+        loaded.weights
     };
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = weights
-        .iter()
-        .map(|(n, t)| {
-            let data = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (n.clone(), data, t.shape.clone())
-        })
-        .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (name, data, shape) in &bytes {
-        let view = TensorView::new(Dtype::F32, shape.clone(), data)
-            .map_err(|e| invalid(out, format!("tensor {name}: {e}")))?;
-        views.push((name.clone(), view));
-    }
     let metadata: HashMap<String, String> = [
         (KEY_FORMAT, FORMAT.to_string()),
         (KEY_CONFIG, loaded.meta.config_yaml.clone()),
@@ -78,8 +65,11 @@ pub fn export(path: &Path, out: &Path, ema: bool) -> Result<Exported> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let file =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| invalid(out, e.to_string()))?;
+    let tensors: Vec<(String, &[usize], &[f32])> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape.as_slice(), t.data.as_slice()))
+        .collect();
+    let file = checkpoint::serialize_f32(out, &tensors, Some(metadata))?;
     let name = out
         .file_name()
         .ok_or_else(|| invalid(out, "is not a file path"))?;
@@ -138,27 +128,8 @@ pub fn read(path: &Path) -> Result<ExportedFile> {
     names.sort();
     let mut weights = Vec::with_capacity(names.len());
     for name in names {
-        let view = st
-            .tensor(&name)
-            .map_err(|e| invalid(path, format!("tensor {name}: {e}")))?;
-        if view.dtype() != Dtype::F32 {
-            return Err(invalid(
-                path,
-                format!("tensor {name} is {:?}, not F32", view.dtype()),
-            ));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        weights.push((
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        ));
+        let tensor = checkpoint::f32_tensor(path, &st, &name)?;
+        weights.push((name, tensor));
     }
     Ok(ExportedFile {
         config,

@@ -207,6 +207,18 @@ fn ema_update(ema: &mut [f32], weights: &[f32], momentum: f64) {
     }
 }
 
+/// Opens the dataset on every rank; rank 0 first, since it generates a missing synthetic one.
+pub(crate) fn open_dataset(cfg: &Config, comm: &dyn Communicator) -> Result<Musdb, TrainError> {
+    if comm.rank() == 0 {
+        let data = Musdb::from_config(&cfg.dataset);
+        comm.barrier()?;
+        Ok(data?)
+    } else {
+        comm.barrier()?;
+        Ok(Musdb::from_config(&cfg.dataset)?)
+    }
+}
+
 /// Bytes every rank must agree on before training: the parameter fingerprint and the
 /// resolved config.
 fn agreement_bytes(fingerprint: &Fingerprint, cfg: &Config) -> Vec<u8> {
@@ -242,15 +254,7 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     }
     let device = Device::Cpu;
     let (rank, world) = (comm.rank(), comm.world_size());
-    // Rank 0 generates a missing synthetic dataset; the others open it afterwards.
-    let data = if rank == 0 {
-        let data = Musdb::from_config(&cfg.dataset);
-        comm.barrier()?;
-        data?
-    } else {
-        comm.barrier()?;
-        Musdb::from_config(&cfg.dataset)?
-    };
+    let data = open_dataset(&cfg, comm)?;
     let sampler = Arc::new(Sampler::from_config(&data, &cfg)?);
     let schedule = Schedule::from_config(&cfg, world)?;
     let steps_per_epoch = schedule.steps_per_epoch();
