@@ -175,6 +175,18 @@ fn malformed_numbers_and_choices_are_usage_errors() {
 
 #[test]
 fn absurd_but_well_formed_values_are_refused_cleanly() {
+    // A setting bench does not time is refused, not silently replaced.
+    fails(
+        &[
+            "bench",
+            "--config",
+            QUICKSTART,
+            "--set",
+            "distributed.zero_stage=3",
+        ],
+        2,
+        "distributed.zero_stage: 3",
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("synth");
     let out = out.to_str().unwrap();

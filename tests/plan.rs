@@ -207,13 +207,24 @@ fn plan_predicts_the_peak_of_one_step_within_10_percent() {
         ]),
         1,
     ));
+    // ZeRO-3 on one rank: the engine holds no Vars; every piece is gathered into fresh
+    // tensors (twice for recomputed blocks).
+    for ckpt in [false, true] {
+        points.push(Point::new(
+            &sets(&[
+                "distributed.zero_stage=3".into(),
+                format!("training.gradient_checkpointing={ckpt}"),
+            ]),
+            1,
+        ));
+    }
     report_and_check(&compare(&points));
 }
 
 #[cfg(feature = "mpi")]
 #[test]
-fn plan_predicts_the_peak_of_zero_0_1_2_under_mpirun_within_10_percent() {
-    let points: Vec<Point> = (0..=2)
+fn plan_predicts_the_peak_of_zero_0_to_3_under_mpirun_within_10_percent() {
+    let mut points: Vec<Point> = (0..=3)
         .map(|z| {
             Point::new(
                 &sets(&[
@@ -226,6 +237,22 @@ fn plan_predicts_the_peak_of_zero_0_1_2_under_mpirun_within_10_percent() {
             )
         })
         .collect();
+    // ZeRO-3 on 4 ranks with a model whose parameters outweigh its activations: the gathered
+    // pieces and the collectives' buffers make most of the peak.
+    for ckpt in [false, true] {
+        points.push(Point::new(
+            &sets(&[
+                "distributed.zero_stage=3".into(),
+                format!("training.gradient_checkpointing={ckpt}"),
+                "training.batch_size=1".into(),
+                "model.emb_dim=64".into(),
+                "model.n_heads=4".into(),
+                "model.ffn_hidden_dim=[256,256]".into(),
+                "model.mask_hidden_dim=512".into(),
+            ]),
+            4,
+        ));
+    }
     report_and_check(&compare(&points));
 }
 
@@ -269,8 +296,11 @@ fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
         kept_cut >= 0.80,
         "kept activations cut by {kept_cut:.3} only"
     );
+    // Not 0.80: the checkpointed peak is the recompute of the last band transformer's backward
+    // (the kept block inputs, that layer's graph and candle's backward working set), which the
+    // head's size does not change.
     assert!(
-        peak_cut >= 0.60,
+        peak_cut >= 0.65,
         "peak activation memory cut by {peak_cut:.3} only"
     );
     assert!((kept_cut - predicted_kept_cut).abs() < 0.03);
@@ -416,11 +446,13 @@ fn plan_fit_prints_overrides_writes_the_config_and_exits_3_when_nothing_fits() {
     let written = sepdist_config::load_file(&fitted, &[]).unwrap();
     assert_eq!(written, cfg);
 
-    let a = args("8GB");
+    // 4 GB: below the closest setting (1 × 4, checkpointing, ZeRO-3), which fits 8 GB since
+    // the head runs one source at a time.
+    let a = args("4GB");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let out = common::run(&a);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("nothing fits 8.0 GB per rank"), "{stdout}");
+    assert!(stdout.contains("nothing fits 4.0 GB per rank"), "{stdout}");
     assert!(stdout.contains("more)"), "{stdout}");
 }

@@ -11,7 +11,7 @@ mod plot_cmd;
 mod train_cmd;
 
 pub use plan_cmd::EXIT_NO_FIT;
-pub use train_cmd::{EXIT_REQUEUE, EXIT_SIGINT, EXIT_SIGTERM, REQUEUE_MARKER};
+pub use train_cmd::{EXIT_OUT_OF_MEMORY, EXIT_REQUEUE, EXIT_SIGINT, EXIT_SIGTERM, REQUEUE_MARKER};
 
 use clap::{Parser, Subcommand};
 

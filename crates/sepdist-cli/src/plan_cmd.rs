@@ -3,6 +3,7 @@
 
 use clap::Args;
 use sepdist_config::load_file;
+use sepdist_train::plan::text::{breakdown, describe_fit, note, set_args};
 use sepdist_train::plan::{
     DeviceKind, DeviceSpec, Fit, Planner, Prediction, Setting, cpu_threads, format_bytes,
     parse_bytes, precision_name,
@@ -24,7 +25,8 @@ and frees them (keep or recompute per block).
 Relative step time: model FLOPs of the step × (3 + r)/3 at the device's peak, r the forward \
 FLOPs recomputed by activation checkpointing as a fraction of the forward, plus the bytes \
 each rank sends (ring all-reduce 2(W-1)/W·4n, reduce-scatter and all-gather (W-1)/W·4n each; \
-ZeRO-3 gathers twice and reduce-scatters once per micro-batch) at the device's link \
+ZeRO-3 gathers every piece once, recomputed blocks twice, and reduce-scatters every piece \
+once per micro-batch) at the device's link \
 bandwidth, not overlapped. Among equal times the larger micro-batch is preferred.
 
 Exit codes: 0, or with --fit 0 when a setting fits and 3 when none does (the message says how \
@@ -156,196 +158,6 @@ fn header(p: &Planner, args: &PlanArgs, budget: u64) -> String {
     out
 }
 
-fn note(p: &Prediction) -> &'static str {
-    if p.implemented { "" } else { "*" }
-}
-
-/// Where the memory goes, for one setting.
-fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
-    let sr = p.cfg.dataset.sample_rate;
-    let _ = writeln!(
-        out,
-        "\nper rank, {}{}: predicted peak {} in the {} phase ({})",
-        pr.setting.describe(sr),
-        note(pr),
-        format_bytes(pr.peak),
-        pr.peak_phase,
-        pr.peak_at
-    );
-    let row = |out: &mut String, name: &str, b: u64, what: String| {
-        let _ = writeln!(out, "  {name:<24}{:>11}   {what}", format_bytes(b));
-    };
-    let stage = pr.setting.zero_stage;
-    row(
-        out,
-        "parameters",
-        pr.parameters,
-        if stage >= 3 {
-            "fp32 master shard + one gathered block (ZeRO-3 design)".into()
-        } else {
-            "weights as Vars + the trainer's flat fp32 master copy".into()
-        },
-    );
-    row(
-        out,
-        "gradients",
-        pr.gradients,
-        match stage {
-            3.. => "fp32 shard + one block's full gradient (ZeRO-3 design)".into(),
-            2 if p.world > 1 => {
-                "flat fp32 gradient (kept whole: the backward accumulates into it) + shard".into()
-            }
-            _ => "flat fp32 gradient".into(),
-        },
-    );
-    row(
-        out,
-        "optimizer state",
-        pr.optimizer,
-        format!(
-            "AdamW m and v, fp32, over {} the flat vector{}",
-            if stage >= 1 && p.world > 1 {
-                format!("1/{} of", p.world)
-            } else {
-                "all of".to_string()
-            },
-            if p.cfg.training.ema.is_some() {
-                ", and the EMA weights"
-            } else {
-                ""
-            }
-        ),
-    );
-    row(
-        out,
-        "data buffers",
-        pr.data,
-        if p.device.kind.is_gpu() {
-            "the micro-batch's mixture and stems tensors".into()
-        } else {
-            "the batch in use (vectors and tensors) and the prefetched ones".into()
-        },
-    );
-    if pr.runtime > 0 {
-        row(
-            out,
-            "runtime",
-            pr.runtime,
-            format!(
-                "gemm's per-thread packing slabs (one L2 cache each, {} threads)",
-                p.device.threads
-            ),
-        );
-    }
-    let blocks: u64 = pr.kept_per_block.iter().map(|(_, b)| b).sum();
-    let context = pr.activations.saturating_sub(blocks + pr.head_and_loss);
-    row(
-        out,
-        "activations kept",
-        pr.activations,
-        format!(
-            "at the backward's start ({})",
-            if pr.setting.checkpointing {
-                "checkpointing: only block inputs"
-            } else {
-                "every block's graph"
-            }
-        ),
-    );
-    let _ = writeln!(
-        out,
-        "  {:<24}{:>11}     · mixture STFT and RoPE tables",
-        "",
-        format_bytes(context)
-    );
-    let mut by_kind: Vec<(String, u64, usize)> = Vec::new();
-    for (name, b) in &pr.kept_per_block {
-        let kind = if name.ends_with(".time") {
-            "time transformer"
-        } else if name.ends_with(".band") {
-            "band transformer"
-        } else {
-            name.as_str()
-        };
-        match by_kind.iter_mut().find(|(k, _, _)| k == kind) {
-            Some(e) => {
-                e.1 += b;
-                e.2 += 1;
-            }
-            None => by_kind.push((kind.to_string(), *b, 1)),
-        }
-    }
-    for (kind, b, count) in by_kind {
-        let each = if count > 1 {
-            format!(" ({count} × {})", format_bytes(b / count as u64))
-        } else {
-            String::new()
-        };
-        let _ = writeln!(
-            out,
-            "  {:<24}{:>11}     · {kind}{each}",
-            "",
-            format_bytes(b)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "  {:<24}{:>11}     · head (mask estimators, iSTFT) and loss graphs",
-        "",
-        format_bytes(pr.head_and_loss)
-    );
-    row(
-        out,
-        "transient working set",
-        pr.transient,
-        "highest forward/backward working set above the kept activations".into(),
-    );
-    row(
-        out,
-        "communication buffers",
-        pr.communication,
-        if p.world == 1 {
-            "one rank: none".into()
-        } else {
-            match stage {
-                0 | 1 => format!(
-                    "every bucket's send and receive copy is in flight at the backward's end (buckets of {} MB)",
-                    p.cfg.distributed.bucket_size_mb
-                ),
-                2 => "reduce-scatter: a send copy of the gradient and the shard received".into(),
-                _ => "one block's all-gather and reduce-scatter (ZeRO-3 design)".into(),
-            }
-        },
-    );
-    let verdict = if pr.peak <= budget {
-        format!(
-            "fits {} ({} spare)",
-            format_bytes(budget),
-            format_bytes(budget - pr.peak)
-        )
-    } else {
-        format!(
-            "does not fit {} (short by {})",
-            format_bytes(budget),
-            format_bytes(pr.peak - budget)
-        )
-    };
-    let _ = writeln!(
-        out,
-        "  {:<24}{:>11}   {verdict}",
-        "peak",
-        format_bytes(pr.peak)
-    );
-    let _ = writeln!(
-        out,
-        "  phase peaks: forward {}, backward {}, communication {}, optimizer {}",
-        format_bytes(pr.forward_peak),
-        format_bytes(pr.backward_peak),
-        format_bytes(pr.communication_peak),
-        format_bytes(pr.optimizer_peak)
-    );
-}
-
 fn table_row(
     out: &mut String,
     p: &Planner,
@@ -394,23 +206,13 @@ fn alternatives(p: &Planner, configured: &Prediction, budget: u64, out: &mut Str
     if any_design {
         let _ = writeln!(
             out,
-            "  * predicted from the design (ZeRO-3, or bf16 on a CPU); this build cannot run it yet"
+            "  * predicted from the design (bf16 needs CUDA training); this build cannot run it yet"
         );
     }
     let _ = writeln!(
         out,
         "  (shorter segments and bf16 change what is trained; `sepdist plan --fit` varies only micro-batch, accumulation, checkpointing and ZeRO stage)"
     );
-}
-
-fn describe_fit(s: &Setting) -> String {
-    format!(
-        "micro-batch {} × accumulation {}, checkpointing {}, ZeRO {}",
-        s.micro_batch,
-        s.accumulation,
-        if s.checkpointing { "on" } else { "off" },
-        s.zero_stage
-    )
 }
 
 fn fit_text(
@@ -452,18 +254,10 @@ fn fit_text(
             if !best.implemented {
                 let _ = writeln!(
                     out,
-                    "  (* ZeRO-3 is predicted from its design; this build cannot run it yet)"
+                    "  (* bf16 is predicted from its design; this build cannot run it yet)"
                 );
             }
-            let sets = best.setting.overrides(&base);
-            let line = if sets.is_empty() {
-                "(the configured setting)".to_string()
-            } else {
-                sets.iter()
-                    .map(|s| format!("--set {s}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
+            let line = set_args(&best.setting.overrides(&base));
             let _ = writeln!(out, "  {line}");
             breakdown(p, best, budget, out);
             if let Some(path) = &args.write {
@@ -492,21 +286,11 @@ fn fit_text(
                 format_bytes(closest.peak),
                 format_bytes(closest.peak - budget)
             );
-            let _ = writeln!(
-                out,
-                "  {}",
-                closest
-                    .setting
-                    .overrides(&base)
-                    .iter()
-                    .map(|s| format!("--set {s}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
+            let _ = writeln!(out, "  {}", set_args(&closest.setting.overrides(&base)));
             if !closest.implemented {
                 let _ = writeln!(
                     out,
-                    "  (* ZeRO-3 is predicted from its design; this build cannot run it yet)"
+                    "  (* bf16 is predicted from its design; this build cannot run it yet)"
                 );
             }
             // Changes outside the search, applied to the closest setting.

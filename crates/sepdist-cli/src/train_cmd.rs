@@ -15,11 +15,31 @@ pub const EXIT_SIGTERM: u8 = 143;
 /// sysexits.h ("try again later"); the `slurm/` templates requeue on it.
 pub const EXIT_REQUEUE: u8 = 75;
 
+/// Exit code when training stops for memory, on every rank: the memory check before the model
+/// is allocated predicts a peak above what a rank has (`training.memory_budget`, or the free
+/// memory less `training.memory_reserve`), or a step went over `training.memory_budget` and
+/// `training.on_oom` is `stop` (or nothing smaller fits). Nothing of the failed step is saved;
+/// the last checkpoint stays the newest. The diagnosis (breakdown, available memory, fitted
+/// `--set` overrides) is on stderr. 4 is unused by sysexits.h and by the shells' 128 + signal.
+pub const EXIT_OUT_OF_MEMORY: u8 = 4;
+
 /// File that rank 0 writes into `training.output_dir` when it stops for a requeue (SIGUSR1),
 /// holding the step: the SLURM templates remove it before launching and requeue when it exists.
 pub const REQUEUE_MARKER: &str = "requeue";
 
 #[derive(Debug, Args)]
+#[command(after_long_help = "\
+Memory: before the model is allocated, every rank compares `sepdist plan`'s predicted peak with \
+what it may use (training.memory_budget, else MemAvailable or the cgroup's headroom shared by \
+the ranks of the node, less training.memory_reserve). If it does not fit, training stops with \
+the breakdown and the fitted setting as --set overrides (same effective batch); --force starts \
+anyway, training.on_oom: refit starts with the fitted setting. With training.memory_budget the \
+heap of every step is checked against it: a step over it is discarded on every rank, then \
+training stops (on_oom: stop) or redoes the step with the fitted setting (on_oom: refit).
+
+Exit codes: 0 finished; 1 error; 2 usage or configuration error; 4 out of memory (nothing of \
+the failed step is saved, the last checkpoint stays the newest); 75 stopped by SIGUSR1 \
+(requeue); 130 / 143 stopped by SIGINT / SIGTERM after a checkpoint.")]
 pub struct TrainArgs {
     /// YAML config file (see configs/).
     #[arg(long, value_name = "FILE")]
@@ -41,6 +61,11 @@ pub struct TrainArgs {
     /// next to `sepdist plan`'s prediction.
     #[arg(long)]
     pub memory_report: bool,
+    /// Start even when the memory check predicts that the config does not fit (the check's
+    /// message is printed as a warning; a CPU run with training.memory_budget still stops at
+    /// the first step over the budget).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Steps (1-based, comma-separated) whose loss and gradients a test makes NaN: `STEP` on every
@@ -138,9 +163,17 @@ pub fn run(
             terminal: std::io::stderr().is_terminal(),
             hooks: hooks(comm.rank())?,
             memory_report: args.memory_report,
+            force: args.force,
         },
         comm.as_ref(),
-    )?;
+    )
+    .map_err(|e| match e {
+        e @ sepdist_train::TrainError::OutOfMemory(_) => crate::Failure {
+            code: EXIT_OUT_OF_MEMORY,
+            error: e.into(),
+        },
+        other => other.into(),
+    })?;
     let rank = comm.rank();
     match outcome {
         Outcome::Finished { steps, checkpoint } => {

@@ -201,6 +201,134 @@ pub struct TrainingConfig {
     pub max_consecutive_skips: u64,
     /// Exponential moving average of the weights; `null` disables it.
     pub ema: Option<EmaConfig>,
+    /// Memory each rank may use (`24GB`, `512MiB` or bytes); `null`: what the device has
+    /// free, less `memory_reserve`. Training is refused before anything is allocated when
+    /// the planned peak exceeds it; on a CPU the heap is also checked against it at every
+    /// step boundary.
+    pub memory_budget: Option<ByteSize>,
+    /// Kept free of the device's measured free memory (CPU: `MemAvailable` or the cgroup's
+    /// headroom) for what the plan does not count (allocator slack, libraries, stacks). Not
+    /// subtracted from an explicit `memory_budget`.
+    pub memory_reserve: ByteSize,
+    /// What an out-of-memory step does: `stop` (exit code 4, the last checkpoint intact) or
+    /// `refit` (apply the fitted micro-batch, accumulation and checkpointing, same effective
+    /// batch, and redo the step).
+    pub on_oom: OnOom,
+}
+
+/// `training.on_oom`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOom {
+    Stop,
+    Refit,
+}
+
+/// A size in bytes. YAML: `24GB`, `1.5 GB`, `512MiB` (decimal kB/MB/GB/TB, binary
+/// KiB/MiB/GiB/TiB) or a number of bytes; written back in the largest unit that divides it
+/// exactly, so a config reloads to the same value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+/// Units of [`ByteSize`], largest first (the order `Display` tries them in).
+const SIZE_UNITS: [(&str, u64); 8] = [
+    ("TB", 1_000_000_000_000),
+    ("TiB", 1 << 40),
+    ("GB", 1_000_000_000),
+    ("GiB", 1 << 30),
+    ("MB", 1_000_000),
+    ("MiB", 1 << 20),
+    ("kB", 1_000),
+    ("KiB", 1 << 10),
+];
+
+impl ByteSize {
+    /// Parses `97GB`, `97.9 GB`, `24GiB`, `512MB`, `1e9`, `0`.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let value: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (examples: 97GB, 24GiB, 512MB)"))?;
+        let unit = unit.trim().to_ascii_lowercase();
+        let mult = match unit.as_str() {
+            "" | "b" => 1,
+            "k" => 1_000,
+            "m" => 1_000_000,
+            "g" => 1_000_000_000,
+            "t" => 1_000_000_000_000,
+            other => SIZE_UNITS
+                .iter()
+                .find(|(name, _)| name.to_ascii_lowercase() == other)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| format!("unknown unit `{other}` in `{s}` (GB, GiB, MB, ...)"))?,
+        };
+        // Whole numbers exactly (f64 holds integers only up to 2^53).
+        if let Ok(whole) = num.trim().parse::<u64>() {
+            return whole
+                .checked_mul(mult)
+                .map(ByteSize)
+                .ok_or_else(|| format!("`{s}` is more bytes than 64 bits count"));
+        }
+        let bytes = (value * mult as f64).round();
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(format!("`{s}` must be a size of at least 0 bytes"));
+        }
+        if bytes >= u64::MAX as f64 {
+            return Err(format!("`{s}` is more bytes than 64 bits count"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        match SIZE_UNITS.iter().find(|(_, m)| b > 0 && b % m == 0) {
+            Some((name, m)) => write!(f, "{}{name}", b / m),
+            None => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl serde::de::Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a size such as 24GB, 512MiB or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("{v} bytes: a size must not be negative")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ByteSize, E> {
+                if v >= u64::MAX as f64 {
+                    return Err(E::custom(format!("{v:e} bytes is more than 64 bits count")));
+                }
+                ByteSize::parse(&v.to_string()).map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(SizeVisitor)
+    }
 }
 
 /// `ema ← momentum · ema + (1 − momentum) · weights` after every `every`-th optimizer step;
@@ -423,6 +551,9 @@ impl Default for TrainingConfig {
             keep_last: 3,
             max_consecutive_skips: 10,
             ema: None,
+            memory_budget: None,
+            memory_reserve: ByteSize(1_000_000_000),
+            on_oom: OnOom::Stop,
         }
     }
 }
@@ -470,5 +601,59 @@ impl Default for DistributedConfig {
             bucket_size_mb: 25.0,
             timeout_s: 600,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units_and_print_back_exactly() {
+        for (text, bytes) in [
+            ("24GB", 24_000_000_000),
+            ("97.9 GB", 97_900_000_000),
+            ("24GiB", 24 << 30),
+            ("512MB", 512_000_000),
+            ("1e9", 1_000_000_000),
+            ("3k", 3_000),
+            ("0", 0),
+            ("123B", 123),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["lots", "3 parsecs", "-1GB", "NaN", "inf", "1e30GB"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
+        }
+        for bytes in [
+            0,
+            1,
+            999,
+            1000,
+            1024,
+            1_500_000,
+            24 << 30,
+            97_900_000_000,
+            u64::MAX / 2,
+        ] {
+            let size = ByteSize(bytes);
+            assert_eq!(ByteSize::parse(&size.to_string()), Ok(size), "{size}");
+        }
+        assert_eq!(ByteSize(24 << 30).to_string(), "24GiB");
+        assert_eq!(ByteSize(97_900_000_000).to_string(), "97900MB");
+    }
+
+    #[test]
+    fn sizes_deserialize_from_strings_and_numbers() {
+        let t: TrainingConfig =
+            serde_yaml_ng::from_str("memory_budget: 24GB\nmemory_reserve: 0\non_oom: refit\n")
+                .expect("valid");
+        assert_eq!(t.memory_budget, Some(ByteSize(24_000_000_000)));
+        assert_eq!((t.memory_reserve, t.on_oom), (ByteSize(0), OnOom::Refit));
+        let t: TrainingConfig = serde_yaml_ng::from_str("memory_budget: 1.5e9\n").expect("valid");
+        assert_eq!(t.memory_budget, Some(ByteSize(1_500_000_000)));
+        let e =
+            serde_yaml_ng::from_str::<TrainingConfig>("memory_budget: -5\n").expect_err("negative");
+        assert!(e.to_string().contains("must not be negative"), "{e}");
     }
 }

@@ -294,6 +294,13 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
             "must be at least 1 optimizer step".into(),
         );
     }
+    if let Some(budget) = t.memory_budget {
+        check(
+            budget.0 > 0,
+            "training.memory_budget",
+            "must be a positive size such as 24GB (null: the device's free memory)".into(),
+        );
+    }
     let l = &t.loss;
     for (key, w) in [("l1_weight", l.l1_weight), ("mse_weight", l.mse_weight)] {
         check(

@@ -7,14 +7,18 @@
 //! is the mean absolute difference over the real and imaginary parts of all bins, frames,
 //! channels and sources (the (re, im) pairs of the two spectra; not the complex modulus).
 //! The STFT is linear, so `STFT(ŝ) − STFT(s)` is computed as `STFT(ŝ − s)`: one transform
-//! per resolution instead of two.
+//! per resolution instead of two. All resolutions are one fused op
+//! ([`crate::ops::stft_l1::multi_stft_l1`]) that keeps only the difference for the backward,
+//! not a spectrogram per resolution.
 
 use crate::error::{ModelError, Result};
 use crate::ops::stft::Stft;
+use crate::ops::stft_l1::multi_stft_l1;
 use candle_core::Tensor;
 use sepdist_config::LossConfig;
 
-/// The loss and its parts, each a scalar tensor on the graph of the estimate.
+/// The loss and its parts, each a scalar tensor on the graph of the estimate (from
+/// [`SeparationLoss::compute_source`]: one source's share of each).
 #[derive(Debug, Clone)]
 pub struct LossParts {
     /// `mean |ŝ − s|` over all samples (source-weighted mean when weights are set).
@@ -33,7 +37,7 @@ pub struct SeparationLoss {
     l1_weight: f64,
     mse_weight: f64,
     weight: f64,
-    resolutions: Vec<(usize, Stft)>,
+    resolutions: Vec<Stft>,
     /// Per-source weights of a `[B, S, 2, N]` estimate; `None`: all 1.
     source_weights: Option<Vec<f64>>,
 }
@@ -53,7 +57,7 @@ impl SeparationLoss {
                     return Err(ModelError::Config(format!("STFT window {w} is too short")));
                 }
                 let n_fft = w.max(cfg.multi_stft_min_n_fft);
-                Ok((n_fft, Stft::new(n_fft, cfg.multi_stft_hop_size, w)?))
+                Ok(Stft::new(n_fft, cfg.multi_stft_hop_size, w)?)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -132,19 +136,79 @@ impl SeparationLoss {
             Some(wt) => squared.broadcast_mul(wt)?,
         };
         let mse = scale(squared.mean_all()?)?;
-        let n = diff.dims().last().copied().unwrap_or(0);
-        let mut multi = waveform.zeros_like()?;
-        if self.weight != 0.0 {
-            for (n_fft, stft) in &self.resolutions {
-                if n <= n_fft / 2 {
-                    return Err(ModelError::Input(format!(
-                        "signal of {n} samples is too short for an STFT of {n_fft} (reflect padding)"
-                    )));
-                }
-                multi = (multi + stft.forward(&weighted)?.abs()?.mean_all()?)?;
-            }
-            multi = scale(multi)?;
+        let multi = self.multi_stft(&weighted, &waveform, scale)?;
+        self.parts(waveform, mse, multi)
+    }
+
+    /// The part of [`SeparationLoss::compute`] that source `source` of `n_sources`
+    /// contributes, from that source's `estimate` and `target` (equal shapes `[..., N]`,
+    /// usually `[B, 1, 2, N]`; every source's the same). Summed over the sources, each part
+    /// (and the total) equals the one of `compute` on the `[B, S, 2, N]` stack: the means
+    /// over all sources are `Σ_s c_s · mean_s` with `c_s = w_s / Σw` (`1 / S` unweighted).
+    /// What the engine runs, so that only one source's head and loss graphs are alive at a
+    /// time.
+    pub fn compute_source(
+        &self,
+        estimate: &Tensor,
+        target: &Tensor,
+        source: usize,
+        n_sources: usize,
+    ) -> Result<LossParts> {
+        if estimate.dims() != target.dims() {
+            return Err(ModelError::Input(format!(
+                "estimate {:?} and target {:?} of source {source} differ in shape",
+                estimate.dims(),
+                target.dims()
+            )));
         }
+        if source >= n_sources {
+            return Err(ModelError::Input(format!(
+                "source {source} out of range for {n_sources} sources"
+            )));
+        }
+        let share = match &self.source_weights {
+            None => 1.0 / n_sources as f64,
+            Some(w) if w.len() == n_sources => w[source] / w.iter().sum::<f64>(),
+            Some(w) => {
+                return Err(ModelError::Input(format!(
+                    "the loss has weights for {} sources, not {n_sources}",
+                    w.len()
+                )));
+            }
+        };
+        // Non-negative weights and a linear STFT: the source's share scales each mean.
+        let scale =
+            |t: Tensor| -> Result<Tensor> { Ok(if share == 1.0 { t } else { (t * share)? }) };
+        let diff = (estimate - target)?;
+        let waveform = scale(diff.abs()?.mean_all()?)?;
+        let mse = scale(diff.sqr()?.mean_all()?)?;
+        let multi = self.multi_stft(&diff, &waveform, scale)?;
+        self.parts(waveform, mse, multi)
+    }
+
+    /// `scale(Σ_resolutions mean |STFT(d)|)` of the (weighted) difference `d`; zero (like
+    /// `zero`) when its loss weight is 0.
+    fn multi_stft(
+        &self,
+        d: &Tensor,
+        zero: &Tensor,
+        scale: impl Fn(Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.weight == 0.0 {
+            return Ok(zero.zeros_like()?);
+        }
+        let n = d.dims().last().copied().unwrap_or(0);
+        if let Some(stft) = self.resolutions.iter().find(|s| n <= s.n_fft() / 2) {
+            return Err(ModelError::Input(format!(
+                "signal of {n} samples is too short for an STFT of {} (reflect padding)",
+                stft.n_fft()
+            )));
+        }
+        scale(multi_stft_l1(d, &self.resolutions)?)
+    }
+
+    /// The parts with their weighted total.
+    fn parts(&self, waveform: Tensor, mse: Tensor, multi: Tensor) -> Result<LossParts> {
         // Only the parts with a positive weight join the graph of the total.
         let mut total: Option<Tensor> = None;
         for (part, w) in [

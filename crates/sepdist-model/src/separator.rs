@@ -26,7 +26,7 @@
 
 use crate::bands::BandLayout;
 use crate::error::{ModelError, Result};
-use crate::ops::{attention, norm, rope::Rope, stft::Stft};
+use crate::ops::{self, SeqLayout, attention, attn_proj, ffn, norm, rope::Rope, stft::Stft};
 use crate::params::{Init, ParamSpec, count_scalars, select_params};
 use candle_core::{DType, Device, Tensor};
 use sepdist_config::ModelConfig;
@@ -309,20 +309,29 @@ impl Block {
         match &self.slots {
             Slots::BandSplit(s) => self.band_split(s, &p, x),
             Slots::Transformer(s) => {
-                let (b, t, k, d) = x.dims4()?;
+                let (b, t, k, _) = x.dims4()?;
                 let ps: Vec<&Tensor> = s.iter().map(|&i| p(i)).collect();
-                Ok(match self.kind {
-                    BlockKind::Time { .. } => {
-                        let xs = x.transpose(1, 2)?.contiguous()?.reshape((b * k, t, d))?;
-                        let y = self.transformer(&ps, &xs, &ctx.time_rope, ctx.attention)?;
-                        y.reshape((b, k, t, d))?.transpose(1, 2)?.contiguous()?
-                    }
-                    _ => {
-                        let xs = x.reshape((b * t, k, d))?;
-                        let y = self.transformer(&ps, &xs, &ctx.band_rope, ctx.attention)?;
-                        y.reshape((b, t, k, d))?
-                    }
-                })
+                // Rows stay in `[B, T, K]` order: the fused projections gather and scatter
+                // the sequences (frames of a band, or bands of a frame) themselves.
+                let (seq, rope) = match self.kind {
+                    BlockKind::Time { .. } => (
+                        SeqLayout {
+                            outer: b,
+                            len: t,
+                            inner: k,
+                        },
+                        &ctx.time_rope,
+                    ),
+                    _ => (
+                        SeqLayout {
+                            outer: b * t,
+                            len: k,
+                            inner: 1,
+                        },
+                        &ctx.band_rope,
+                    ),
+                };
+                self.transformer(&ps, x, rope, seq, ctx.attention)
             }
             Slots::Head(fin, mlps) => {
                 let mask = self.masks(p(*fin), mlps, &p, x)?;
@@ -369,8 +378,7 @@ impl Block {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let xg = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
             let [gamma, w, bias] = slots[g].map(p);
-            let ones = Tensor::ones(di, xg.dtype(), xg.device())?;
-            let xn = norm::rms_norm(&xg, &ones, RMS_EPS)?.broadcast_mul(&gamma.unsqueeze(1)?)?;
+            let xn = norm::rms_norm_groups(&xg, gamma, RMS_EPS)?;
             outs.push(xn.matmul(w)?.broadcast_add(&bias.unsqueeze(1)?)?); // [n_g, BT, D]
         }
         let parts = l
@@ -382,37 +390,33 @@ impl Block {
         Ok(y.reshape((b, t, l.n_bands(), self.dims.dim))?)
     }
 
-    /// One pre-norm transformer layer over `xs` `[N, L, D]`.
+    /// One pre-norm transformer layer over `xs` `[B, T, K, D]`, attending along the sequences
+    /// of `seq`. Fused ops (see [`crate::ops`]), so that the graph keeps per layer the input,
+    /// two norms, q/k/v, the attention output ‖ lse, the residual stream, the FFN's hidden
+    /// pre-activation and its output.
     fn transformer(
         &self,
         p: &[&Tensor],
         xs: &Tensor,
         rope: &Rope,
+        seq: SeqLayout,
         kind: AttentionKind,
     ) -> Result<Tensor> {
-        let (n, len, d) = xs.dims3()?;
         let (h, dh) = (self.dims.heads, self.dims.head_dim);
-        let inner = h * dh;
         let [g1, wqkv, wo, g2, w1, b1, w2, b2] = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]];
-        let hn = norm::rms_norm(xs, g1, RMS_EPS)?.reshape((n * len, d))?;
-        let qkv = hn.matmul(&wqkv.t()?)?.reshape((n, len, 3, h, dh))?;
-        let qkv = qkv.permute((2, 0, 3, 1, 4))?; // [3, N, H, L, Dh]
-        let q = rope.apply(&qkv.get(0)?.contiguous()?)?;
-        let k = rope.apply(&qkv.get(1)?.contiguous()?)?;
-        let v = qkv.get(2)?.contiguous()?;
+        let hn = norm::rms_norm(xs, g1, RMS_EPS)?;
+        let qkv = attn_proj::qkv_rope(&hn, wqkv, rope, seq, h)?; // [3, S, H, L, Dh]
         let scale = (dh as f64).powf(-0.5);
         let o = match kind {
-            AttentionKind::Flash => attention::flash_attention(&q, &k, &v, scale)?,
-            AttentionKind::Reference => attention::reference_attention(&q, &k, &v, scale)?,
+            AttentionKind::Flash => attention::flash_attention_packed(&qkv, scale)?,
+            AttentionKind::Reference => {
+                attention::reference_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale)?
+            }
         };
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((n * len, inner))?;
-        let xs = (xs + o.matmul(&wo.t()?)?.reshape((n, len, d))?)?;
-        let hn = norm::rms_norm(&xs, g2, RMS_EPS)?.reshape((n * len, d))?;
-        let hid = hn.matmul(&w1.t()?)?.broadcast_add(b1)?.gelu_erf()?;
-        let out = hid
-            .matmul(&w2.t()?)?
-            .broadcast_add(b2)?
-            .reshape((n, len, d))?;
+        let xs = attn_proj::out_proj_residual(&o, wo, xs, seq, dh)?;
+        let hn = norm::rms_norm(&xs, g2, RMS_EPS)?;
+        let hid = ffn::linear_bias(&hn, w1, b1)?;
+        let out = ffn::gelu_linear_bias(&hid, w2, b2)?;
         Ok((xs + out)?)
     }
 
@@ -424,12 +428,22 @@ impl Block {
         p: &dyn Fn(usize) -> &'a Tensor,
         x: &Tensor,
     ) -> Result<Tensor> {
+        let inputs = self.mask_inputs(gamma, x)?;
+        let per_source = mlps
+            .iter()
+            .map(|src| self.source_mask(&inputs, src, p, x))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&per_source, 1)?)
+    }
+
+    /// The final RMSNorm of `x` `[B, T, K, D]` and the mask estimators' inputs: per band
+    /// group, its bands' features `[n_g, BT, D]`.
+    fn mask_inputs(&self, gamma: &Tensor, x: &Tensor) -> Result<Vec<Tensor>> {
         let l = &self.dims.layout;
         let (b, t, k, d) = x.dims4()?;
-        let bt = b * t;
-        let xn = norm::rms_norm(x, gamma, RMS_EPS)?.reshape((bt, k, d))?;
+        let xn = norm::rms_norm(x, gamma, RMS_EPS)?.reshape((b * t, k, d))?;
         let xk = xn.transpose(0, 1)?.contiguous()?; // [K, BT, D]
-        let inputs = (0..l.groups.len())
+        Ok((0..l.groups.len())
             .map(|g| {
                 let parts = l
                     .runs
@@ -439,59 +453,135 @@ impl Block {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0) // [n_g, BT, D]
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<Vec<_>>>()?)
+    }
+
+    /// One source's mask estimator (`layers`: per group, per layer (weight, bias)) on the
+    /// [`Block::mask_inputs`] of `x`: its complex mask `[B, 2, F, T, 2]`.
+    fn source_mask<'a>(
+        &self,
+        inputs: &[Tensor],
+        layers: &[Vec<[usize; 2]>],
+        p: &dyn Fn(usize) -> &'a Tensor,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let l = &self.dims.layout;
+        let (b, t, _, _) = x.dims4()?;
+        let bt = b * t;
         let f = l.freq_bins();
-        let mut per_source = Vec::with_capacity(mlps.len());
-        for src in mlps {
-            let mut outs = Vec::with_capacity(l.groups.len());
-            for (g, layers) in src.iter().enumerate() {
-                let mut h = inputs[g].clone();
-                for (i, [w, bias]) in layers.iter().enumerate() {
-                    h = h.matmul(p(*w))?.broadcast_add(&p(*bias).unsqueeze(1)?)?;
-                    if i + 1 < layers.len() {
-                        h = h.tanh()?;
-                    }
-                }
-                let di = l.groups[g].dim_in();
-                // GLU: first half times sigmoid of the second; sigmoid(z) = (tanh(z/2) + 1)/2
-                // is composed from ops with a backward.
-                let gate = ((h.narrow(2, di, di)? * 0.5)?.tanh()? + 1.0)? * 0.5;
-                outs.push((h.narrow(2, 0, di)? * gate?)?); // [n_g, BT, d_g]
+        let mut outs = Vec::with_capacity(l.groups.len());
+        for (g, group_layers) in layers.iter().enumerate() {
+            let mut h = inputs[g].clone();
+            for (i, [w, bias]) in group_layers.iter().enumerate() {
+                // Per band `h·W + b`, tanh between layers: one fused op per layer, keeping
+                // only its input and output.
+                let tanh = i + 1 < group_layers.len();
+                h = ops::grouped_linear(&h, p(*w), p(*bias), tanh)?;
             }
-            let parts = l
-                .runs
-                .iter()
-                .map(|r| {
-                    let di = l.groups[r.group].dim_in();
-                    outs[r.group]
-                        .narrow(0, r.member, r.len)?
-                        .transpose(0, 1)?
-                        .reshape((bt, r.len * di))
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let m = Tensor::cat(&parts, 1)?.reshape((b, t, f, 2, 2))?;
-            per_source.push(m.permute((0, 3, 2, 1, 4))?); // [B, 2, F, T, 2]
+            let di = l.groups[g].dim_in();
+            // GLU: first half times sigmoid of the second, one fused op (it keeps only `h`).
+            outs.push(ops::glu::glu_tanh(&h, di)?); // [n_g, BT, d_g]
         }
-        Ok(Tensor::stack(&per_source, 1)?)
+        let parts = l
+            .runs
+            .iter()
+            .map(|r| {
+                let di = l.groups[r.group].dim_in();
+                outs[r.group]
+                    .narrow(0, r.member, r.len)?
+                    .transpose(0, 1)?
+                    .reshape((bt, r.len * di))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let m = Tensor::cat(&parts, 1)?.reshape((b, t, f, 2, 2))?;
+        Ok(m.permute((0, 3, 2, 1, 4))?) // [B, 2, F, T, 2]
+    }
+
+    /// Number of per-source pieces of the head ([`Block::head_source`]): the sources; 0 for
+    /// the other blocks.
+    pub fn head_sources(&self) -> usize {
+        match &self.slots {
+            Slots::Head(_, mlps) => mlps.len(),
+            _ => 0,
+        }
+    }
+
+    /// Which of the head's parameters (indices into [`Block::param_specs`], ascending) source
+    /// `source`'s piece uses: the final norm's gamma, shared by every piece, and the source's
+    /// mask estimator. The order [`Block::head_source`] takes them in.
+    pub fn head_source_params(&self, source: usize) -> Result<Vec<usize>> {
+        let Slots::Head(fin, mlps) = &self.slots else {
+            return Err(ModelError::Input(format!(
+                "block {} is not the head: it has no per-source pieces",
+                self.name
+            )));
+        };
+        let src = mlps.get(source).ok_or_else(|| {
+            ModelError::Input(format!(
+                "source {source} out of range for a head of {} sources",
+                mlps.len()
+            ))
+        })?;
+        let mut ids: Vec<usize> = std::iter::once(*fin)
+            .chain(src.iter().flatten().flatten().copied())
+            .map(|slot| self.pos[slot])
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The head for one source: final norm, that source's mask estimator, complex masking and
+    /// iSTFT, `[B, T, K, D]` → `[B, 1, 2, N]`, equal to source `source` of the head's
+    /// [`Block::forward`]. `params`: the tensors of [`Block::head_source_params`], in that
+    /// order. Run per source (each with its own backward) so that only one source's graph is
+    /// alive at a time; the final norm is recomputed per source, a small cost next to the mask
+    /// estimator.
+    pub fn head_source(
+        &self,
+        params: &[Tensor],
+        source: usize,
+        x: &Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let ids = self.head_source_params(source)?;
+        let Slots::Head(fin, mlps) = &self.slots else {
+            return Err(ModelError::Input(format!(
+                "block {} is not the head",
+                self.name
+            )));
+        };
+        if params.len() != ids.len() {
+            return Err(ModelError::Input(format!(
+                "the head's piece of source {source} takes {} parameters, got {}",
+                ids.len(),
+                params.len()
+            )));
+        }
+        // Block parameter index → position in `params`.
+        let mut at = vec![usize::MAX; self.specs.len()];
+        for (j, &i) in ids.iter().enumerate() {
+            at[i] = j;
+        }
+        let p = |slot: usize| &params[at[self.pos[slot]]];
+        let inputs = self.mask_inputs(p(*fin), x)?;
+        let mask = self
+            .source_mask(&inputs, &mlps[source], &p, x)?
+            .unsqueeze(1)?;
+        apply_mask_istft(&self.stft, &mask, &ctx.spec, ctx.length)
     }
 }
 
 /// Complex masking and inverse STFT: `mask` `[B, S, 2, F, T, 2]` times the mixture STFT `spec`
 /// `[B, 2, F, T, 2]` (complex product, (re, im) last), then iSTFT trimmed to `length`:
-/// `[B, S, 2, length]`.
+/// `[B, S, 2, length]`. One fused op ([`Stft::inverse_masked`]): the graph keeps the mask and
+/// the spectrogram, not the product's partial products.
 pub fn apply_mask_istft(
     stft: &Stft,
     mask: &Tensor,
     spec: &Tensor,
     length: usize,
 ) -> Result<Tensor> {
-    let spec = spec.unsqueeze(1)?;
-    let (mr, mi) = (mask.narrow(5, 0, 1)?, mask.narrow(5, 1, 1)?);
-    let (sr, si) = (spec.narrow(5, 0, 1)?, spec.narrow(5, 1, 1)?);
-    let re = (mr.broadcast_mul(&sr)? - mi.broadcast_mul(&si)?)?;
-    let im = (mr.broadcast_mul(&si)? + mi.broadcast_mul(&sr)?)?;
-    let y = Tensor::cat(&[re, im], 5)?;
-    Ok(stft.inverse(&y, length)?)
+    Ok(stft.inverse_masked(mask, spec, length)?)
 }
 
 /// The separator: `band_split`, `n_layers` × (`time`, `band`), `head`.

@@ -6,7 +6,8 @@
 //! batches, one all-reduce of the flat gradient when there are several ranks, clipping and
 //! AdamW on the flat buffer) without validation, checkpoints or logging, so the figures are
 //! those of the step itself. Forward and backward are split at the engine's
-//! [`EngineEvent::BackwardStart`]; with activation checkpointing the recomputed forwards count
+//! [`EngineEvent::BackwardStart`]; the head's forwards of every source but the first (the head
+//! runs one source at a time) and, with activation checkpointing, the recomputed forwards count
 //! as backward.
 
 use crate::engine::{Engine, EngineEvent, batch_tensors};
@@ -88,6 +89,12 @@ pub fn bench(
         return Err(TrainError::Setup(
             "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
         ));
+    }
+    if cfg.distributed.zero_stage != 0 {
+        return Err(TrainError::Setup(format!(
+            "distributed.zero_stage: {}: sepdist bench times the replicated step (ZeRO 0, one all-reduce of the gradient); set distributed.zero_stage=0, or compare stages with `sepdist train` (metrics.jsonl)",
+            cfg.distributed.zero_stage
+        )));
     }
     if steps == 0 {
         return Err(TrainError::Setup("--steps must be at least 1".into()));

@@ -7,6 +7,13 @@
 //! policy keeps the graph from forward to backward, or keeps only the input and recomputes
 //! the forward right before the backward (activation checkpointing).
 //!
+//! The head and the loss run one source at a time: each source's mask estimator reads only
+//! the trunk's output and the loss is a sum over sources, so per source the head's piece
+//! (final norm, that source's mask estimator, masking, iSTFT) and the source's loss part run
+//! forward and backward, their gradients are added, and the graph is dropped before the next
+//! source. Only one source's head and loss graphs are alive at a time (they are most of the
+//! activations), and a piece's parameters are all a source needs (ZeRO-3 gathers per piece).
+//!
 //! Parameters live as one `Var` each, in name order, mirrored by a flat fp32 vector laid out
 //! by [`FlatLayout`]; gradients are accumulated straight into a flat buffer.
 
@@ -104,8 +111,9 @@ pub enum EngineEvent {
     ForwardStart,
     /// Block `i`'s forward is done (its graph or its input is kept).
     BlockForward(usize),
-    /// The loss is computed (every kept activation and the head/loss graph are alive); the
-    /// backward starts.
+    /// The first source's loss is computed (every kept activation and that source's head and
+    /// loss graphs are alive); the backward starts. The later sources' head forwards run after
+    /// it, inside the backward phase (like the recomputed forwards of checkpointing).
     BackwardStart,
     /// Block `i`'s backward is done and its graph and gradient store are dropped.
     BlockBackward(usize),
@@ -118,9 +126,145 @@ pub type EngineProbe = std::sync::Arc<dyn Fn(EngineEvent) + Send + Sync>;
 enum Kept {
     /// The block's graph: its input `Var` (none for the first block, whose input is data)
     /// and its tracked output.
-    Graph { input: Option<Var>, output: Tensor },
+    Graph {
+        input: Option<Var>,
+        output: Tensor,
+        params: Vec<Tensor>,
+    },
     /// Only the untracked input; the forward is recomputed before the backward.
     Input(Tensor),
+}
+
+/// Parameters fetched together: a block before the head, or one source's piece of the head
+/// (ZeRO-3 gathers and reduces per piece).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Piece {
+    Block(usize),
+    HeadSource(usize),
+}
+
+/// Parameters the engine does not hold (ZeRO-3). `gather` returns the values of a piece's
+/// parameters ([`Engine::piece_params`]: their flat ranges concatenated in that order), before
+/// the piece's forward and again before its recomputed forward; `reduce` takes this
+/// micro-batch's gradient of the piece, in the same order, after its backward.
+pub trait ShardedParams<E> {
+    fn gather(&mut self, piece: Piece) -> Result<Vec<f32>, E>;
+    fn reduce(&mut self, piece: Piece, grads: Vec<f32>) -> Result<(), E>;
+}
+
+/// Where a micro-batch takes its parameters from and leaves its gradients.
+trait Access<E> {
+    /// The piece's parameters in [`Engine::piece_params`] order; tracked ones are variables.
+    fn fetch(&mut self, engine: &Engine, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, E>;
+    /// The gradients of `params` (as fetched, tracked) in `grads`.
+    fn deliver(
+        &mut self,
+        engine: &Engine,
+        piece: Piece,
+        params: &[Tensor],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<(), E>;
+    /// Every parameter gradient of `block` has been delivered.
+    fn block_done(&mut self, block: usize) -> Result<(), E>;
+}
+
+/// The engine's own `Var`s; gradients added into a flat buffer, `hook` after each block.
+struct Held<'a, F> {
+    flat_grads: &'a mut [f32],
+    hook: F,
+}
+
+impl<E, F> Access<E> for Held<'_, F>
+where
+    E: From<ModelError> + From<candle_core::Error>,
+    F: FnMut(usize, &[f32]) -> Result<(), E>,
+{
+    fn fetch(&mut self, engine: &Engine, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, E> {
+        Ok(engine.held(piece, tracked)?)
+    }
+
+    fn deliver(
+        &mut self,
+        engine: &Engine,
+        piece: Piece,
+        params: &[Tensor],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<(), E> {
+        for (&i, p) in engine.piece_params(piece).iter().zip(params) {
+            if let Some(g) = grads.get(p) {
+                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for (acc, x) in self.flat_grads[engine.layout.range(i)].iter_mut().zip(g) {
+                    *acc += x;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn block_done(&mut self, block: usize) -> Result<(), E> {
+        (self.hook)(block, self.flat_grads)
+    }
+}
+
+/// Parameters gathered from shards per piece, gradients handed back per piece (ZeRO-3).
+struct Sharded<'a, S: ?Sized>(&'a mut S);
+
+impl<E, S> Access<E> for Sharded<'_, S>
+where
+    E: From<ModelError> + From<candle_core::Error>,
+    S: ShardedParams<E> + ?Sized,
+{
+    fn fetch(&mut self, engine: &Engine, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, E> {
+        let values = self.0.gather(piece)?;
+        let ids = engine.piece_params(piece);
+        let mut params = Vec::with_capacity(ids.len());
+        let mut at = 0;
+        for &i in ids {
+            let spec = &engine.layout.specs[i];
+            let n = spec.numel();
+            let Some(slice) = values.get(at..at + n) else {
+                break;
+            };
+            let shape = spec.shape.as_slice();
+            params.push(if tracked {
+                Var::from_slice(slice, shape, &engine.device)?.into_inner()
+            } else {
+                Tensor::from_slice(slice, shape, &engine.device)?
+            });
+            at += n;
+        }
+        if at != values.len() || params.len() != ids.len() {
+            return Err(ModelError::Input(format!(
+                "{piece:?}: gathered {} values for parameters of {at}",
+                values.len()
+            ))
+            .into());
+        }
+        Ok(params)
+    }
+
+    fn deliver(
+        &mut self,
+        engine: &Engine,
+        piece: Piece,
+        params: &[Tensor],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<(), E> {
+        let ids = engine.piece_params(piece);
+        let len = ids.iter().map(|&i| engine.layout.specs[i].numel()).sum();
+        let mut out = Vec::with_capacity(len);
+        for (&i, p) in ids.iter().zip(params) {
+            match grads.get(p) {
+                Some(g) => out.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => out.resize(out.len() + engine.layout.specs[i].numel(), 0.0),
+            }
+        }
+        self.0.reduce(piece, out)
+    }
+
+    fn block_done(&mut self, _block: usize) -> Result<(), E> {
+        Ok(())
+    }
 }
 
 /// The model, its parameters as `Var`s and the loss, run block by block.
@@ -131,6 +275,9 @@ pub struct Engine {
     vars: Vec<Var>,
     /// Per block: indices into `layout`/`vars`, in the block's parameter order.
     block_params: Vec<Vec<usize>>,
+    /// Per source: indices into `layout`/`vars` of the head's piece, in the order
+    /// `Block::head_source` takes them.
+    head_pieces: Vec<Vec<usize>>,
     recompute: bool,
     device: Device,
     probe: Option<EngineProbe>,
@@ -187,12 +334,27 @@ impl Engine {
             }
             block_params.push(ids);
         }
+        let head = separator
+            .blocks()
+            .last()
+            .ok_or_else(|| ModelError::Input("the separator has no blocks".into()))?;
+        let head_ids = block_params.last().cloned().unwrap_or_default();
+        let head_pieces = (0..head.head_sources())
+            .map(|s| {
+                Ok(head
+                    .head_source_params(s)?
+                    .into_iter()
+                    .map(|j| head_ids[j])
+                    .collect())
+            })
+            .collect::<Result<Vec<Vec<usize>>, ModelError>>()?;
         Ok(Self {
             separator,
             loss,
             layout,
             vars,
             block_params,
+            head_pieces,
             recompute,
             device,
             probe: None,
@@ -223,6 +385,19 @@ impl Engine {
         &self.block_params
     }
 
+    /// Number of sources: the pieces the head (the last block) runs in, one after another.
+    pub fn head_sources(&self) -> usize {
+        self.head_pieces.len()
+    }
+
+    /// The layout indices of the head's piece of source `s` (ascending): the final norm's
+    /// gamma, which every piece shares (its gradient adds up over the pieces), and source
+    /// `s`'s mask estimator. Together the pieces cover the head's parameters. Empty past the
+    /// last source.
+    pub fn head_source_params(&self, s: usize) -> &[usize] {
+        self.head_pieces.get(s).map_or(&[], Vec::as_slice)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -233,6 +408,11 @@ impl Engine {
 
     /// The parameters as one flat fp32 vector.
     pub fn flat_params(&self) -> Result<Vec<f32>, ModelError> {
+        if !self.holds_params() {
+            return Err(ModelError::Input(
+                "the engine holds no parameters (released for ZeRO-3)".into(),
+            ));
+        }
         let mut flat = vec![0.0; self.layout.len];
         for (i, v) in self.vars.iter().enumerate() {
             let data = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -243,6 +423,11 @@ impl Engine {
 
     /// Copies a flat vector (at least `layout.len` long) into the parameters.
     pub fn load_flat(&self, flat: &[f32]) -> Result<(), ModelError> {
+        if !self.holds_params() {
+            return Err(ModelError::Input(
+                "the engine holds no parameters (released for ZeRO-3): use materialize".into(),
+            ));
+        }
         for (i, v) in self.vars.iter().enumerate() {
             let t = Tensor::from_slice(&flat[self.layout.range(i)], v.shape(), &self.device)?;
             v.set(&t)?;
@@ -250,31 +435,80 @@ impl Engine {
         Ok(())
     }
 
-    fn params_of(&self, block: usize, tracked: bool) -> Vec<Tensor> {
-        self.block_params[block]
+    /// The layout indices of `piece`'s parameters, in the order its forward takes them.
+    pub fn piece_params(&self, piece: Piece) -> &[usize] {
+        match piece {
+            Piece::Block(i) => self.block_params.get(i).map_or(&[], Vec::as_slice),
+            Piece::HeadSource(s) => self.head_source_params(s),
+        }
+    }
+
+    /// Every piece, in forward order: the blocks before the head, then the head's sources.
+    pub fn pieces(&self) -> Vec<Piece> {
+        let last = self.block_params.len().saturating_sub(1);
+        (0..last)
+            .map(Piece::Block)
+            .chain((0..self.head_pieces.len()).map(Piece::HeadSource))
+            .collect()
+    }
+
+    /// Whether the engine holds the parameters (not after [`Engine::release_params`]).
+    pub fn holds_params(&self) -> bool {
+        !self.vars.is_empty()
+    }
+
+    /// Drops the engine's copy of the parameters (ZeRO-3: they live as shards and are
+    /// gathered per piece); [`Engine::materialize`] brings them back.
+    pub fn release_params(&mut self) {
+        self.vars = Vec::new();
+    }
+
+    /// Holds `flat` (at least `layout.len` long) as the parameters, after a release too.
+    pub fn materialize(&mut self, flat: &[f32]) -> Result<(), ModelError> {
+        if self.holds_params() {
+            return self.load_flat(flat);
+        }
+        let mut vars = Vec::with_capacity(self.layout.specs.len());
+        for (i, s) in self.layout.specs.iter().enumerate() {
+            vars.push(Var::from_slice(
+                &flat[self.layout.range(i)],
+                s.shape.as_slice(),
+                &self.device,
+            )?);
+        }
+        self.vars = vars;
+        Ok(())
+    }
+
+    /// All of block `i`'s parameters (the whole head for the last), untracked.
+    fn whole_block(&self, i: usize) -> Result<Vec<Tensor>, ModelError> {
+        if !self.holds_params() {
+            return Err(ModelError::Input(
+                "the engine holds no parameters (released for ZeRO-3): materialize them first"
+                    .into(),
+            ));
+        }
+        Ok(self.block_params[i]
+            .iter()
+            .map(|&i| self.vars[i].as_tensor().detach())
+            .collect())
+    }
+
+    /// The engine's parameters of `piece`: tracked ones are its `Var`s.
+    fn held(&self, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, ModelError> {
+        if !self.holds_params() {
+            return Err(ModelError::Input(
+                "the engine holds no parameters (released for ZeRO-3): use the sharded path".into(),
+            ));
+        }
+        Ok(self
+            .piece_params(piece)
             .iter()
             .map(|&i| {
                 let t = self.vars[i].as_tensor();
                 if tracked { t.clone() } else { t.detach() }
             })
-            .collect()
-    }
-
-    fn accumulate(
-        &self,
-        block: usize,
-        grads: &candle_core::backprop::GradStore,
-        flat_grads: &mut [f32],
-    ) -> Result<(), ModelError> {
-        for &i in &self.block_params[block] {
-            if let Some(g) = grads.get(self.vars[i].as_tensor()) {
-                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for (acc, x) in flat_grads[self.layout.range(i)].iter_mut().zip(g) {
-                    *acc += x;
-                }
-            }
-        }
-        Ok(())
+            .collect())
     }
 
     /// Forward and backward of one micro-batch (`mixture [B, 2, N]`, `target [B, S, 2, N]`),
@@ -296,7 +530,38 @@ impl Engine {
         mixture: &Tensor,
         target: &Tensor,
         flat_grads: &mut [f32],
-        mut block_done: impl FnMut(usize, &[f32]) -> Result<(), E>,
+        block_done: impl FnMut(usize, &[f32]) -> Result<(), E>,
+    ) -> Result<LossValues, E> {
+        let mut held = Held {
+            flat_grads,
+            hook: block_done,
+        };
+        self.micro_batch(mixture, target, &mut held)
+    }
+
+    /// [`Engine::forward_backward`] with parameters the engine does not hold (ZeRO-3): each
+    /// piece is gathered from `params` right before its forward, and again before its backward
+    /// when its forward is recomputed; its gradient goes to `params` after its backward.
+    /// Without checkpointing, a block's kept graph holds its gathered parameters until its
+    /// backward (candle keeps every op's inputs).
+    pub fn forward_backward_sharded<E, S>(
+        &self,
+        mixture: &Tensor,
+        target: &Tensor,
+        params: &mut S,
+    ) -> Result<LossValues, E>
+    where
+        E: From<ModelError> + From<candle_core::Error>,
+        S: ShardedParams<E> + ?Sized,
+    {
+        self.micro_batch(mixture, target, &mut Sharded(params))
+    }
+
+    fn micro_batch<E: From<ModelError> + From<candle_core::Error>>(
+        &self,
+        mixture: &Tensor,
+        target: &Tensor,
+        access: &mut impl Access<E>,
     ) -> Result<LossValues, E> {
         self.mark(EngineEvent::ForwardStart);
         let ctx = self.separator.prepare_context(mixture)?;
@@ -308,7 +573,7 @@ impl Engine {
         let mut x = ctx.first_input().clone();
         for (i, block) in blocks[..last].iter().enumerate() {
             if self.recompute {
-                let y = block.forward(&self.params_of(i, false), &x, &ctx)?;
+                let y = block.forward(&access.fetch(self, Piece::Block(i), false)?, &x, &ctx)?;
                 kept.push(Kept::Input(x));
                 x = y;
             } else {
@@ -319,38 +584,80 @@ impl Engine {
                     Some(Var::from_tensor(&x)?)
                 };
                 let arg = input.as_ref().map_or(&x, |v| v.as_tensor());
-                let y = block.forward(&self.params_of(i, true), arg, &ctx)?;
+                let params = access.fetch(self, Piece::Block(i), true)?;
+                let y = block.forward(&params, arg, &ctx)?;
                 x = y.detach();
-                kept.push(Kept::Graph { input, output: y });
+                kept.push(Kept::Graph {
+                    input,
+                    output: y,
+                    params,
+                });
             }
             self.mark(EngineEvent::BlockForward(i));
         }
-        // Head and loss: one backward from the loss gives the head's gradients and `g`.
+        // Head and loss, one source at a time: the backward of source s's loss part gives its
+        // piece's gradients and its share of `g`, the gradient of the trunk's output.
         let head_in = Var::from_tensor(&x)?;
-        let estimate =
-            blocks[last].forward(&self.params_of(last, true), head_in.as_tensor(), &ctx)?;
-        let parts = self.loss.compute(&estimate, target)?;
-        let values = LossValues {
-            total: scalar(&parts.total)?,
-            waveform: scalar(&parts.waveform)?,
-            mse: scalar(&parts.mse)?,
-            multi_stft: scalar(&parts.multi_stft)?,
+        // The Var is a copy: the trunk's output is no longer needed (when checkpointing it is
+        // the only holder of that output; when keeping graphs, a view of the kept one).
+        drop(x);
+        let n_sources = self.head_pieces.len();
+        if target.dim(1)? != n_sources {
+            return Err(ModelError::Input(format!(
+                "target {:?} does not hold the {n_sources} sources of the model",
+                target.dims()
+            ))
+            .into());
+        }
+        let mut values = LossValues::default();
+        let mut g: Option<Tensor> = None;
+        for s in 0..n_sources {
+            let params = access.fetch(self, Piece::HeadSource(s), true)?;
+            let estimate = blocks[last].head_source(&params, s, head_in.as_tensor(), &ctx)?;
+            let parts =
+                self.loss
+                    .compute_source(&estimate, &target.narrow(1, s, 1)?, s, n_sources)?;
+            values.add(
+                LossValues {
+                    total: scalar(&parts.total)?,
+                    waveform: scalar(&parts.waveform)?,
+                    mse: scalar(&parts.mse)?,
+                    multi_stft: scalar(&parts.multi_stft)?,
+                },
+                1.0,
+            );
+            if s == 0 {
+                self.mark(EngineEvent::BlockForward(last));
+                self.mark(EngineEvent::BackwardStart);
+            }
+            let grads = parts.total.backward()?;
+            drop((parts, estimate));
+            access.deliver(self, Piece::HeadSource(s), &params, &grads)?;
+            drop(params);
+            // Detached: the gradient's own graph (it is computed with forward tensors) is of
+            // no use and would keep them alive.
+            if let Some(gs) = grads.get(head_in.as_tensor()) {
+                g = Some(match g {
+                    None => gs.detach(),
+                    Some(acc) => (acc + gs.detach())?,
+                });
+            }
+            drop(grads);
+        }
+        access.block_done(last)?;
+        let mut g = match g {
+            Some(g) => g,
+            None => head_in.as_tensor().zeros_like()?,
         };
-        self.mark(EngineEvent::BlockForward(last));
-        self.mark(EngineEvent::BackwardStart);
-        let grads = parts.total.backward()?;
-        drop((parts, estimate));
-        self.accumulate(last, &grads, flat_grads)?;
-        block_done(last, flat_grads)?;
-        let mut g = grads
-            .get(head_in.as_tensor())
-            .cloned()
-            .unwrap_or(x.zeros_like()?);
-        drop(grads);
+        drop(head_in);
         self.mark(EngineEvent::BlockBackward(last));
         for i in (0..last).rev() {
-            let (input, y) = match kept.pop() {
-                Some(Kept::Graph { input, output }) => (input, output),
+            let (input, y, params) = match kept.pop() {
+                Some(Kept::Graph {
+                    input,
+                    output,
+                    params,
+                }) => (input, output, params),
                 Some(Kept::Input(x)) => {
                     // Recompute: the same forward, now tracked.
                     let input = if i == 0 {
@@ -359,21 +666,23 @@ impl Engine {
                         Some(Var::from_tensor(&x)?)
                     };
                     let arg = input.as_ref().map_or(&x, |v| v.as_tensor());
-                    let y = blocks[i].forward(&self.params_of(i, true), arg, &ctx)?;
-                    (input, y)
+                    let params = access.fetch(self, Piece::Block(i), true)?;
+                    let y = blocks[i].forward(&params, arg, &ctx)?;
+                    (input, y, params)
                 }
                 None => {
                     return Err(ModelError::Input("block bookkeeping out of step".into()).into());
                 }
             };
             let grads = (y * &g)?.sum_all()?.backward()?;
-            self.accumulate(i, &grads, flat_grads)?;
-            block_done(i, flat_grads)?;
+            access.deliver(self, Piece::Block(i), &params, &grads)?;
+            drop(params);
+            access.block_done(i)?;
             if let Some(v) = &input {
-                g = grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .unwrap_or(v.as_tensor().zeros_like()?);
+                g = match grads.get(v.as_tensor()) {
+                    Some(gi) => gi.detach(),
+                    None => v.as_tensor().zeros_like()?,
+                };
             }
             drop((grads, input));
             self.mark(EngineEvent::BlockBackward(i));
@@ -403,7 +712,7 @@ impl Engine {
         let ctx = self.separator.prepare_context(mixture)?;
         let mut x = ctx.first_input().clone();
         for (i, block) in self.separator.blocks().iter().enumerate() {
-            x = block.forward(&self.params_of(i, false), &x, &ctx)?;
+            x = block.forward(&self.whole_block(i)?, &x, &ctx)?;
         }
         Ok(x)
     }

@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod export;
 pub mod infer;
 pub mod memory;
+pub mod oom;
 pub mod optim;
 pub mod plan;
 pub mod plot;
@@ -17,6 +18,7 @@ pub mod progress;
 pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;
+pub mod zero3;
 
 pub use optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 pub use schedule::LrSchedule;

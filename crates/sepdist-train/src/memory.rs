@@ -114,6 +114,57 @@ struct MeterState {
     first: Vec<StepMemory>,
     /// Heap when the running phase began.
     phase_start: usize,
+    /// Heap bytes a rank may use (`training.memory_budget`), checked at step boundaries.
+    budget: Option<usize>,
+    /// Block whose forward or backward is running (set by the engine's block events).
+    block: Option<usize>,
+    /// Micro-batches started since the window opened.
+    micro: usize,
+    window: Window,
+}
+
+/// Where in a training step the heap was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub phase: Phase,
+    /// Engine block index (`Separator::blocks`), inside the forward or backward.
+    pub block: Option<usize>,
+    /// 1-based micro-batch of the optimizer step, inside the forward or backward.
+    pub micro: Option<usize>,
+}
+
+impl Location {
+    /// `backward of layers.0.band (micro-batch 1 of 2)`, `optimizer phase`; `names` are the
+    /// engine's block names.
+    pub fn describe(&self, names: &[String], accumulation: usize) -> String {
+        let mut text = self.phase.name().to_string();
+        match self.block.and_then(|b| names.get(b)) {
+            Some(name) => text = format!("{text} of {name}"),
+            None => text.push_str(" phase"),
+        }
+        if let Some(m) = self.micro {
+            text = format!("{text} (micro-batch {m} of {accumulation})");
+        }
+        text
+    }
+}
+
+/// The heap of one training step as the budget check sees it: the highest heap in the step's
+/// phases (data, forward, backward, communication, optimizer; not validation or checkpoint
+/// writing, which the plan does not predict) since the previous step's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Window {
+    pub peak: usize,
+    pub peak_at: Option<Location>,
+    /// Where the heap first went over the budget.
+    pub first_over: Option<Location>,
+    pub budget: Option<usize>,
+}
+
+impl Window {
+    pub fn over_budget(&self) -> bool {
+        self.budget.is_some_and(|b| self.peak > b)
+    }
 }
 
 /// Memory figures of one optimizer step (heap bytes), written to `metrics.jsonl`.
@@ -147,6 +198,21 @@ impl MeterState {
         let Some(p) = self.current else {
             return;
         };
+        if !matches!(p, Phase::Validation | Phase::Checkpoint) {
+            let engine = matches!(p, Phase::Forward | Phase::Backward);
+            let at = Location {
+                phase: p,
+                block: self.block,
+                micro: (engine && self.micro > 0).then_some(self.micro),
+            };
+            if peak > self.window.peak {
+                self.window.peak = peak;
+                self.window.peak_at = Some(at);
+            }
+            if self.budget.is_some_and(|b| peak > b) && self.window.first_over.is_none() {
+                self.window.first_over = Some(at);
+            }
+        }
         if matches!(p, Phase::Communication | Phase::Optimizer) {
             let rise = peak.saturating_sub(self.phase_start);
             let c = &mut self.step.mem_communication_buffers;
@@ -232,11 +298,13 @@ impl MemoryMeter {
             let mut st = self.state();
             let previous = st.current;
             self.switch(&mut st, Some(phase));
+            st.block = None;
             previous
         };
         let out = f();
         let mut st = self.state();
         self.switch(&mut st, previous);
+        st.block = None;
         out
     }
 
@@ -248,6 +316,7 @@ impl MemoryMeter {
         match event {
             EngineEvent::ForwardStart => {
                 self.switch(&mut st, Some(Phase::Forward));
+                st.micro += 1;
                 let now = self.heap.current();
                 st.forward_start = now;
                 st.micro_peak = now;
@@ -261,8 +330,43 @@ impl MemoryMeter {
                 st.step.mem_activations_kept = st.step.mem_activations_kept.max(kept);
                 self.switch(&mut st, Some(Phase::Backward));
             }
-            EngineEvent::BlockForward(_) | EngineEvent::BlockBackward(_) => {}
+            EngineEvent::BlockForward(i) | EngineEvent::BlockBackward(i) => {
+                // The peak since the previous event was reached in block `i`: fold it there,
+                // so that an over-budget step says which block (a fold and an atomic reset).
+                st.block = Some(i);
+                let running = st.current;
+                self.switch(&mut st, running);
+            }
         }
+    }
+
+    /// Sets the heap budget the step windows are checked against (`None`: no check).
+    pub fn set_budget(&self, budget: Option<usize>) {
+        let mut st = self.state();
+        st.budget = budget;
+        st.window.budget = budget;
+    }
+
+    /// The window since the previous call (the step's decision point), and a new one opened.
+    pub fn close_window(&self) -> Window {
+        let mut st = self.state();
+        let running = st.current;
+        self.switch(&mut st, running);
+        let budget = st.budget;
+        st.micro = 0;
+        std::mem::replace(
+            &mut st.window,
+            Window {
+                budget,
+                ..Window::default()
+            },
+        )
+    }
+
+    /// This step's figures, dropped without counting as a step taken (a step discarded for
+    /// going over the memory budget).
+    pub fn discard_step(&self) -> StepMemory {
+        std::mem::take(&mut self.state().step)
     }
 
     /// A probe for [`crate::engine::Engine::set_probe`] that reports to this meter.
@@ -337,9 +441,25 @@ pub fn report(
     known: &KnownBuffers,
     predicted: Option<&crate::plan::Prediction>,
 ) -> String {
+    let (index, f) = meter.reported_step();
+    let title = format!(
+        "memory report (this rank's heap by the counting allocator, figures of optimizer step {}; \
+         1 GB = 10^9 bytes)",
+        index + 1
+    );
+    report_step(meter, &title, &f, known, predicted)
+}
+
+/// The measured breakdown of step figures `f` next to the plan's prediction, under `title`.
+pub fn report_step(
+    meter: &MemoryMeter,
+    title: &str,
+    f: &StepMemory,
+    known: &KnownBuffers,
+    predicted: Option<&crate::plan::Prediction>,
+) -> String {
     use crate::plan::format_bytes;
     use std::fmt::Write as _;
-    let (index, f) = meter.reported_step();
     let snap = meter.snapshot();
     let peaks = meter.phase_peaks();
     let persistent = known.parameters + known.gradients + known.optimizer + known.data;
@@ -410,11 +530,7 @@ pub fn report(
             "lifetime high-water mark",
         ),
     ];
-    let mut out = format!(
-        "memory report (this rank's heap by the counting allocator, figures of optimizer step {}; \
-         1 GB = 10^9 bytes)\n",
-        index + 1
-    );
+    let mut out = format!("{title}\n");
     let _ = writeln!(
         out,
         "  {:<24} {:>12} {:>12} {:>8}",
@@ -552,6 +668,57 @@ mod tests {
             StepMemory::default(),
             "a new step starts empty"
         );
+    }
+
+    #[test]
+    fn the_budget_window_names_the_block_over_it_and_skips_validation() {
+        use crate::engine::EngineEvent;
+        let heap: &'static Scripted = Box::leak(Box::default());
+        let meter = std::sync::Arc::new(MemoryMeter::new(heap));
+        meter.set_budget(Some(1500));
+        let probe = meter.probe();
+        heap.set(1000);
+        // Validation above the budget does not count: the plan does not predict it.
+        meter.phase(Phase::Validation, || heap.set(5000));
+        heap.set(1000);
+        meter.phase(Phase::Backward, || {
+            for micro in 0..2 {
+                probe(EngineEvent::ForwardStart);
+                heap.set(1200);
+                probe(EngineEvent::BlockForward(0));
+                heap.set(1400 + 200 * micro); // second micro-batch: 1600 in block 1
+                probe(EngineEvent::BlockForward(1));
+                probe(EngineEvent::BackwardStart);
+                heap.set(1550 + 300 * micro); // then 1850 in block 1's backward
+                probe(EngineEvent::BlockBackward(1));
+                heap.set(1100);
+                probe(EngineEvent::BlockBackward(0));
+                heap.set(1000);
+            }
+        });
+        let window = meter.close_window();
+        assert!(window.over_budget());
+        assert_eq!(window.peak, 1850);
+        let names = ["band_split".to_string(), "head".to_string()];
+        let first = window.first_over.expect("went over");
+        assert_eq!(
+            first.describe(&names, 2),
+            "backward of head (micro-batch 1 of 2)"
+        );
+        assert_eq!(
+            window.peak_at.map(|l| l.describe(&names, 2)).as_deref(),
+            Some("backward of head (micro-batch 2 of 2)")
+        );
+        // A new window starts empty with the same budget; figures of a discarded step are
+        // not a step taken.
+        let next = meter.close_window();
+        assert_eq!(
+            (next.peak, next.budget, next.first_over),
+            (0, Some(1500), None)
+        );
+        assert!(meter.discard_step().mem_peak_backward >= 1850);
+        assert_eq!(meter.reported_step().0, 0);
+        assert_eq!(meter.take_step(), StepMemory::default());
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+mod on_oom;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
@@ -47,6 +49,10 @@ pub enum TrainError {
     NonFinite { step: u64, consecutive: u64 },
     #[error("{0}")]
     Setup(String),
+    /// The memory check refused to start, or a step went over the memory budget and
+    /// `training.on_oom` is `stop` (or nothing smaller fits); the diagnosis is on stderr.
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error(
         "cannot write checkpoint {name} in {} (the checkpoints already there are unchanged): {source}",
         dir.display()
@@ -113,6 +119,8 @@ pub struct TrainRequest {
     pub hooks: TestHooks,
     /// Print the measured memory breakdown next to the plan's prediction at the end.
     pub memory_report: bool,
+    /// Start even when the memory check predicts that the config does not fit.
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -176,9 +184,15 @@ struct Trainer<'c> {
     /// AdamW state of this rank's range `shard` (the whole vector at ZeRO stage 0).
     adam: AdamW,
     shard: std::ops::Range<usize>,
-    /// Parameters, padded to a multiple of the world size.
+    /// Parameters, padded to a multiple of the world size: the whole vector, or under ZeRO-3
+    /// only this rank's `shard` (see [`Trainer::local`]).
     flat: Vec<f32>,
+    /// The gradient, laid out like `flat`.
     grads: Vec<f32>,
+    /// Length of the padded flat vector over all ranks.
+    padded: usize,
+    /// ZeRO-3: the engine holds no parameters; it gathers them per piece from the shards.
+    zero3: Option<crate::zero3::Zero3>,
     /// Scratch for ZeRO-2's reduce-scattered gradient shard.
     grad_shard: Vec<f32>,
     /// EMA of the weights over `shard` (`training.ema`), fp32, sharded like the optimizer.
@@ -246,12 +260,9 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
             "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
         ));
     }
-    if cfg.distributed.zero_stage >= 3 {
-        return Err(TrainError::Setup(
-            "distributed.zero_stage: 3 (parameter sharding) is not implemented yet; use 0, 1 or 2"
-                .into(),
-        ));
-    }
+    // Before anything of the model's size exists: refuse, or refit, a config that does not fit.
+    let cfg = crate::oom::preflight(cfg, comm, req.force, &crate::oom::CpuMemory::system())?;
+    let t = &cfg.training;
     let device = Device::Cpu;
     let (rank, world) = (comm.rank(), comm.world_size());
     let data = open_dataset(&cfg, comm)?;
@@ -267,6 +278,7 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     drop(init);
     // The engine reports forward/backward boundaries to the memory meter.
     let meter = Arc::new(MemoryMeter::new(req.heap));
+    meter.set_budget(crate::oom::runtime_budget(&cfg));
     engine.set_probe(Some(meter.probe()));
     let fingerprint = engine.layout().fingerprint();
 
@@ -301,14 +313,25 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     };
     let bucket_bytes = (cfg.distributed.bucket_size_mb * 1e6) as usize;
     let buckets = BucketPlan::new(engine.layout(), engine.block_param_indices(), bucket_bytes);
+    let zero3 = if zero_stage >= 3 {
+        // Only this rank's shard of the parameters stays; the engine gathers the pieces.
+        let zero3 = crate::zero3::Zero3::new(&engine, shard.len(), world);
+        flat = flat[shard.clone()].to_vec();
+        engine.release_params();
+        Some(zero3)
+    } else {
+        None
+    };
     let terminal = req.terminal && rank == 0;
     let mut trainer = Trainer {
         adam: AdamW::new(AdamWHyper::from(&t.optimizer), shard.len()),
-        grads: vec![0.0; padded],
+        grads: vec![0.0; flat.len()],
+        padded,
+        zero3,
         // Only ZeRO-2 with several ranks reduce-scatters into it.
         grad_shard: vec![
             0.0;
-            if zero_stage >= 2 && world > 1 {
+            if zero_stage == 2 && world > 1 {
                 padded / world
             } else {
                 0
@@ -360,23 +383,34 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
 impl Trainer<'_> {
     /// `--memory-report`: this rank's measured heap by buffer, next to the plan.
     fn memory_report(&self) -> String {
+        let (index, _) = self.meter.reported_step();
+        let known = self.known_buffers(index as u64);
+        let predicted = crate::oom::planner(&self.cfg, self.comm.world_size())
+            .ok()
+            .map(|p| p.predict(&p.configured()));
+        crate::memory::report(&self.meter, &known, predicted.as_ref())
+    }
+
+    /// This rank's buffers of known size at optimizer step `index` (0-based).
+    fn known_buffers(&self, index: u64) -> crate::memory::KnownBuffers {
         let (cfg, f32s) = (&self.cfg, std::mem::size_of::<f32>());
         let audio = cfg.training.batch_size
             * (1 + cfg.dataset.sources.len())
             * 2
             * cfg.dataset.segment_length
             * f32s;
-        // Batches the loader holds ready at the reported step's first micro-batch.
+        // Batches the loader holds ready at the step's first micro-batch.
         let t = &cfg.training;
-        let (index, _) = self.meter.reported_step();
         let total = t
             .max_steps
             .unwrap_or(t.epochs as u64 * self.schedule.steps_per_epoch());
         let acc = t.gradient_accumulation_steps as u64;
-        let left = (total * acc).saturating_sub(index as u64 * acc + 1);
+        let left = (total * acc).saturating_sub(index * acc + 1);
         let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
-        let known = crate::memory::KnownBuffers {
-            parameters: (self.engine.layout().len + self.flat.capacity()) * f32s,
+        crate::memory::KnownBuffers {
+            parameters: (usize::from(self.engine.holds_params()) * self.engine.layout().len
+                + self.flat.capacity())
+                * f32s,
             gradients: (self.grads.capacity() + self.grad_shard.capacity()) * f32s,
             optimizer: (self.adam.exp_avg.capacity()
                 + self.adam.exp_avg_sq.capacity()
@@ -384,13 +418,7 @@ impl Trainer<'_> {
                 * f32s,
             // The batch in use (vectors and tensors) and the loader's prefetched ones.
             data: (2 + prefetched) * audio,
-        };
-        let device =
-            crate::plan::DeviceSpec::new(crate::plan::DeviceKind::Cpu, crate::plan::cpu_threads());
-        let predicted = crate::plan::Planner::new(cfg, self.comm.world_size(), device)
-            .ok()
-            .map(|p| p.predict(&p.configured()));
-        crate::memory::report(&self.meter, &known, predicted.as_ref())
+        }
     }
 
     fn rank0(&self) -> bool {
@@ -422,7 +450,7 @@ impl Trainer<'_> {
         }
         if t.ema.is_some() {
             // The average starts at the initial weights (resume replaces it).
-            self.ema = Some(self.flat[self.shard.clone()].to_vec());
+            self.ema = Some(self.flat[self.local()].to_vec());
         }
         if let Some(spec) = resume {
             if let Some(s) = self.resume(spec)? {
@@ -451,7 +479,7 @@ impl Trainer<'_> {
             self.comm.world_size()
         ));
         let mut loader = Loader::new(
-            sampler,
+            Arc::clone(&sampler),
             self.schedule,
             self.comm.rank(),
             step,
@@ -479,6 +507,22 @@ impl Trainer<'_> {
             let started = Instant::now();
             self.activity = format!("optimizer step {}", step + 1);
             let record = self.step(step, &mut loader, hooks, local_signal)?;
+            if let Some(window) = &record.out_of_memory {
+                // Nothing of the step was applied: stop here, or redo it with the fitted
+                // setting (same examples per optimizer step, new micro-batch split).
+                self.out_of_memory(step, window, metrics.as_mut())?;
+                drop(loader);
+                loader = Loader::new(
+                    Arc::clone(&sampler),
+                    self.schedule,
+                    self.comm.rank(),
+                    step,
+                    Some(total_steps),
+                    cfg.dataset.num_workers,
+                    cfg.dataset.prefetch,
+                )?;
+                continue;
+            }
             step += 1;
             self.activity = format!("validation or checkpoint after optimizer step {step}");
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
@@ -587,6 +631,8 @@ struct StepOutcome {
     skipped: bool,
     /// A stop signal seen by any rank (0: none).
     signal: usize,
+    /// Some rank went over the memory budget: the step was discarded; this rank's figures.
+    out_of_memory: Option<crate::memory::Window>,
 }
 
 impl Trainer<'_> {
@@ -619,6 +665,15 @@ impl Trainer<'_> {
             let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
             let mut done = vec![false; blocks];
             let (engine, comm, plan) = (&self.engine, self.comm, &self.buckets);
+            if let Some(zero3) = &self.zero3 {
+                // Every micro-batch reduce-scatters each piece's gradient into the shard.
+                let mut access = zero3.access(comm, &self.flat, &mut self.grads);
+                let values = self.meter.phase(Phase::Backward, || {
+                    engine.forward_backward_sharded::<TrainError, _>(&mixture, &stems, &mut access)
+                })?;
+                losses.add(values, 1.0 / accumulation as f64);
+                continue;
+            }
             let values = self.meter.phase(Phase::Backward, || {
                 engine.forward_backward_with(
                     &mixture,
@@ -651,7 +706,7 @@ impl Trainer<'_> {
                     let range = self.buckets.buckets[b].range.clone();
                     self.grads[range].copy_from_slice(&summed);
                 }
-                if world > 1 && zero_stage >= 2 {
+                if world > 1 && zero_stage == 2 {
                     self.comm
                         .reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
                     let shard = self.shard.clone();
@@ -662,7 +717,7 @@ impl Trainer<'_> {
         // Mean over the window and the ranks: k micro-batches of size b on W ranks equal one
         // batch of k·b·W.
         let scale = 1.0 / (accumulation * world) as f32;
-        let shard = self.shard.clone();
+        let shard = self.local();
         self.grads[shard.clone()]
             .iter_mut()
             .for_each(|g| *g *= scale);
@@ -686,6 +741,8 @@ impl Trainer<'_> {
             s if STOP_SIGNALS.contains(&s) => s,
             _ => SIGTERM,
         };
+        // The heap since the previous step's decision against the memory budget.
+        let window = self.meter.close_window();
         let mut scalars = [
             losses.total,
             losses.waveform,
@@ -695,6 +752,7 @@ impl Trainer<'_> {
             f64::from(u8::from(local_signal == STOP_SIGNALS[0])),
             f64::from(u8::from(local_signal == STOP_SIGNALS[1])),
             f64::from(u8::from(local_signal == STOP_SIGNALS[2])),
+            f64::from(u8::from(window.over_budget())),
         ];
         self.comm.all_reduce_sum_f64(&mut scalars)?;
         let w = world as f64;
@@ -708,9 +766,20 @@ impl Trainer<'_> {
         // Every rank derives the same signal from the same sums.
         let signal = STOP_SIGNALS
             .iter()
-            .zip(&scalars[5..])
+            .zip(&scalars[5..8])
             .find(|(_, count)| **count > 0.0)
             .map_or(0, |(s, _)| *s);
+        if scalars[8] > 0.0 {
+            // Over the memory budget on some rank: no state changes, every rank alike.
+            return Ok(StepOutcome {
+                losses,
+                lr: 0.0,
+                grad_norm: norm,
+                skipped: true,
+                signal,
+                out_of_memory: Some(window),
+            });
+        }
         let lr = self.lr.lr(step) * self.lr_scale();
         self.state.samples_seen += self.schedule.global_batch();
         if !(losses.total.is_finite() && norm.is_finite()) {
@@ -734,6 +803,7 @@ impl Trainer<'_> {
                 grad_norm: norm,
                 skipped: true,
                 signal,
+                out_of_memory: None,
             });
         }
         self.state.consecutive_skips = 0;
@@ -755,11 +825,13 @@ impl Trainer<'_> {
                         ema_update(ema, &self.flat[shard.clone()], e.momentum);
                     }
                 }
-                if zero_stage >= 1 && world > 1 {
-                    let mine = self.flat[shard.clone()].to_vec();
-                    self.comm.all_gather(&mine, &mut self.flat)?;
+                if self.zero3.is_none() {
+                    if zero_stage >= 1 && world > 1 {
+                        let mine = self.flat[shard.clone()].to_vec();
+                        self.comm.all_gather(&mine, &mut self.flat)?;
+                    }
+                    self.engine.load_flat(&self.flat)?;
                 }
-                self.engine.load_flat(&self.flat)?;
                 Ok(())
             })?;
         Ok(StepOutcome {
@@ -768,6 +840,7 @@ impl Trainer<'_> {
             grad_norm: norm,
             skipped: false,
             signal,
+            out_of_memory: None,
         })
     }
 
@@ -786,6 +859,20 @@ impl Trainer<'_> {
         }
         // With an EMA, validation (and so best_model) judges the averaged weights.
         let ema = self.full_ema()?;
+        if self.zero3.is_some() {
+            // ZeRO-3 gathers the whole model for validation, then drops it again (like
+            // DeepSpeed's GatheredParameters): the ranks validate different chunks, so they
+            // cannot gather piece by piece in step.
+            let whole = match ema {
+                Some(ema) => ema,
+                None => self.full_params()?,
+            };
+            self.engine.materialize(&whole)?;
+            drop(whole);
+            let result = self.validate_loaded(step, metrics, keep_best);
+            self.engine.release_params();
+            return result;
+        }
         if let Some(ema) = &ema {
             self.engine.load_flat(ema)?;
         }
@@ -796,15 +883,50 @@ impl Trainer<'_> {
         result
     }
 
+    /// This rank's range of the parameters within `flat` and `grads`: its shard, which is
+    /// all of `flat` under ZeRO-3.
+    fn local(&self) -> std::ops::Range<usize> {
+        if self.zero3.is_some() {
+            0..self.flat.len()
+        } else {
+            self.shard.clone()
+        }
+    }
+
+    /// The whole (padded) parameter vector: under ZeRO-3 all-gathered from the shards, so
+    /// every rank must call it.
+    fn full_params(&self) -> Result<Vec<f32>, TrainError> {
+        if self.zero3.is_none() {
+            return Ok(self.flat.clone());
+        }
+        let mut full = vec![0.0; self.padded];
+        self.comm.all_gather(&self.flat, &mut full)?;
+        Ok(full)
+    }
+
+    /// Changes the whole parameter vector with `fill` (every rank calls it), then gives the
+    /// engine (or, under ZeRO-3, this rank's shard) the result.
+    fn set_params(&mut self, fill: impl FnOnce(&mut [f32])) -> Result<(), TrainError> {
+        if self.zero3.is_some() {
+            let mut full = self.full_params()?;
+            fill(&mut full);
+            self.flat.copy_from_slice(&full[self.shard.clone()]);
+        } else {
+            fill(&mut self.flat);
+            self.engine.load_flat(&self.flat)?;
+        }
+        Ok(())
+    }
+
     /// The whole EMA vector (padded like `flat`) on every rank: shards are all-gathered.
     fn full_ema(&self) -> Result<Option<Vec<f32>>, TrainError> {
         let Some(ema) = &self.ema else {
             return Ok(None);
         };
-        if ema.len() == self.flat.len() {
+        if ema.len() == self.padded {
             return Ok(Some(ema.clone()));
         }
-        let mut full = vec![0.0; self.flat.len()];
+        let mut full = vec![0.0; self.padded];
         self.comm.all_gather(ema, &mut full)?;
         Ok(Some(full))
     }
@@ -1031,8 +1153,15 @@ impl Trainer<'_> {
                 let bytes = serde_json::to_vec(&record)
                     .map_err(|e| TrainError::Setup(format!("cannot encode a shard record: {e}")))?;
                 let records = self.comm.all_gather_bytes(&bytes)?;
+                // ZeRO-3: rank 0 needs the whole vector for the weights file.
+                let gathered = if self.zero3.is_some() {
+                    Some(self.full_params()?)
+                } else {
+                    None
+                };
                 if rank0 {
-                    staging.write_weights(&self.engine.layout().unflatten(&self.flat))?;
+                    let whole = gathered.as_deref().unwrap_or(&self.flat);
+                    staging.write_weights(&self.engine.layout().unflatten(whole))?;
                     for bytes in records {
                         let record: Option<ShardRecord> =
                             serde_json::from_slice(&bytes).map_err(|e| {
@@ -1080,9 +1209,11 @@ impl Trainer<'_> {
             Err(e) => return Err(e.into()),
         };
         let layout = self.engine.layout().clone();
-        for (i, (_, tensor)) in loaded.weights.iter().enumerate() {
-            self.flat[layout.range(i)].copy_from_slice(&tensor.data);
-        }
+        self.set_params(|flat| {
+            for (i, (_, tensor)) in loaded.weights.iter().enumerate() {
+                flat[layout.range(i)].copy_from_slice(&tensor.data);
+            }
+        })?;
         let (m, v) = loaded.optimizer_range(self.shard.start, self.shard.len())?;
         self.adam.exp_avg = m;
         self.adam.exp_avg_sq = v;
@@ -1092,7 +1223,7 @@ impl Trainer<'_> {
                 Some(ema) => Some(ema),
                 None => {
                     self.say("the checkpoint has no EMA: the average starts at its weights");
-                    Some(self.flat[self.shard.clone()].to_vec())
+                    Some(self.flat[self.local()].to_vec())
                 }
             };
         }
@@ -1102,7 +1233,6 @@ impl Trainer<'_> {
                 loaded.path.join(checkpoint::META_FILE).display()
             ))
         })?;
-        self.engine.load_flat(&self.flat)?;
         self.say(&format!(
             "resumed from {} at step {} (written by {} rank(s) at ZeRO stage {})",
             loaded.path.display(),
@@ -1119,20 +1249,21 @@ impl Trainer<'_> {
         let layout = self.engine.layout().clone();
         let mut loaded_count = 0;
         let mut not_loaded = Vec::new();
-        for (i, spec) in layout.specs.iter().enumerate() {
-            match loaded.weights.iter().find(|(name, _)| *name == spec.name) {
-                Some((_, t)) if t.shape == spec.shape => {
-                    self.flat[layout.range(i)].copy_from_slice(&t.data);
-                    loaded_count += 1;
+        self.set_params(|flat| {
+            for (i, spec) in layout.specs.iter().enumerate() {
+                match loaded.weights.iter().find(|(name, _)| *name == spec.name) {
+                    Some((_, t)) if t.shape == spec.shape => {
+                        flat[layout.range(i)].copy_from_slice(&t.data);
+                        loaded_count += 1;
+                    }
+                    Some((_, t)) => not_loaded.push(format!(
+                        "  {}: {:?} in the checkpoint, {:?} in the model",
+                        spec.name, t.shape, spec.shape
+                    )),
+                    None => not_loaded.push(format!("  {}: absent from the checkpoint", spec.name)),
                 }
-                Some((_, t)) => not_loaded.push(format!(
-                    "  {}: {:?} in the checkpoint, {:?} in the model",
-                    spec.name, t.shape, spec.shape
-                )),
-                None => not_loaded.push(format!("  {}: absent from the checkpoint", spec.name)),
             }
-        }
-        self.engine.load_flat(&self.flat)?;
+        })?;
         self.say(&format!(
             "initialised {loaded_count} of {} parameters from {}",
             layout.specs.len(),

@@ -12,7 +12,8 @@
 //! ([`FlashAttnBwd`]) so a `cuda_fwd` can slot into both.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Error, Layout, Result};
+use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{Real, cast, contiguous_slice, unsupported_dtype};
@@ -39,6 +40,32 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale })?;
     out.narrow(3, 0, d)
+}
+
+/// [`flash_attention`] on q, k, v packed in one tensor `[3, B, H, T, Dh]` (as
+/// [`super::attn_proj::qkv_rope`] makes them), returning the output ‖ log-sum-exp
+/// `[B, H, T, Dh + 1]` (the first `Dh` columns are the attention output). The backward returns
+/// the packed (dq, dk, dv) as the gradient of the one input, with no per-part copies. On other
+/// devices: the reference attention and the log-sum-exp of its scores.
+pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
+    let (three, b, h, t, d) = qkv.dims5()?;
+    if three != 3 {
+        return Err(Error::Msg(format!(
+            "attention: packed q, k, v must be [3, B, H, T, Dh], got {:?}",
+            qkv.dims()
+        )));
+    }
+    let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+    check_qkv(&q, &k, &v, scale)?;
+    if !matches!(qkv.device(), Device::Cpu) {
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let out = softmax_last_dim(&scores)?.matmul(&v.contiguous()?)?;
+        let lse = super::softmax::logsumexp_last_dim(&scores)?;
+        return Tensor::cat(&[&out, &lse], 3);
+    }
+    let out = qkv.contiguous()?.apply_op1(FlashAttnPacked { scale })?;
+    debug_assert_eq!(out.dims(), [b, h, t, d + 1]);
+    Ok(out)
 }
 
 /// The plain composition `softmax(scale · q kᵀ) v` (materialises the scores); for tests and
@@ -149,6 +176,52 @@ impl CustomOp3 for FlashAttn {
             Some(packed.get(1)?),
             Some(packed.get(2)?),
         ))
+    }
+}
+
+/// Forward op of [`flash_attention_packed`]: `[3, B, H, T, Dh]` → `[B, H, T, Dh+1]`.
+struct FlashAttnPacked {
+    scale: f64,
+}
+
+impl CustomOp1 for FlashAttnPacked {
+    fn name(&self) -> &'static str {
+        "flash-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, b, h, t, d) = l1.shape().dims5()?;
+        let name = self.name();
+        fn split<T>(x: &[T]) -> (&[T], &[T], &[T]) {
+            let n = x.len() / 3;
+            (&x[..n], &x[n..2 * n], &x[2 * n..])
+        }
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let (q, k, v) = split(contiguous_slice::<f32>(s1, l1, name)?);
+                CpuStorage::F32(flash_fwd_cpu(q, k, v, t, d, cast(self.scale)))
+            }
+            DType::F64 => {
+                let (q, k, v) = split(contiguous_slice::<f64>(s1, l1, name)?);
+                CpuStorage::F64(flash_fwd_cpu(q, k, v, t, d, self.scale))
+            }
+            dt => return Err(unsupported_dtype(name, dt)),
+        };
+        Ok((out, Shape::from((b, h, t, d + 1))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if !qkv.track_op() {
+            return Ok(None);
+        }
+        let op = FlashAttnBwd {
+            scale: self.scale,
+            res: res.contiguous()?,
+            grad: grad_res.contiguous()?,
+        };
+        // `[3, B, H, T, Dh]` = (dq, dk, dv): the packed gradient as is.
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
     }
 }
 

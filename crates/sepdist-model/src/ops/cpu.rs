@@ -38,3 +38,66 @@ pub(crate) fn unsupported_dtype(op: &str, dtype: DType) -> Error {
 pub(crate) fn cast<T: Real>(x: f64) -> T {
     <T as WithDType>::from_f64(x)
 }
+
+/// `lhs · rhs` (or `lhs · rhsᵀ` when `rhs_transposed`) of row-major matrices through candle's
+/// CPU matmul (gemm, multi-threaded), for the fused ops' forward kernels: `lhs` is `[m, k]`
+/// at `lhs_offset` of its storage, `rhs` is `[k, n]` (or `[n, k]`, transposed) at
+/// `rhs_offset`. Returns the `[m, n]` product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_cpu(
+    lhs: &CpuStorage,
+    lhs_offset: usize,
+    rhs: &CpuStorage,
+    rhs_offset: usize,
+    rhs_transposed: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CpuStorage> {
+    use candle_core::backend::BackendStorage;
+    let lhs_l = Layout::contiguous_with_offset((m, k), lhs_offset);
+    let rhs_l = if rhs_transposed {
+        Layout::contiguous_with_offset((n, k), rhs_offset).transpose(0, 1)?
+    } else {
+        Layout::contiguous_with_offset((k, n), rhs_offset)
+    };
+    lhs.matmul(rhs, (1, m, n, k), &lhs_l, &rhs_l)
+}
+
+/// The start offset of a contiguous `layout` (the wrappers make every input contiguous).
+pub(crate) fn contiguous_offset(layout: &Layout, op: &str) -> Result<usize> {
+    layout
+        .contiguous_offsets()
+        .map(|(start, _)| start)
+        .ok_or_else(|| Error::Msg(format!("{op}: expected a contiguous input")))
+}
+
+/// Runs `f` on the contiguous CPU data of `t` (a tensor a backward or an op struct holds).
+pub(crate) fn with_slice<T: WithDType, R>(
+    t: &candle_core::Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Msg(format!("{op}: expected a tensor on the CPU")));
+    };
+    f(contiguous_slice::<T>(cpu, layout, op)?)
+}
+
+/// Runs `f` on the contiguous CPU data of `t` as f32 or f64 and wraps the result in a tensor
+/// of `shape` (same dtype), on the CPU.
+pub(crate) fn map_tensor<S: Into<candle_core::Shape>>(
+    t: &candle_core::Tensor,
+    shape: S,
+    op: &str,
+    f32s: impl FnOnce(&[f32]) -> Result<Vec<f32>>,
+    f64s: impl FnOnce(&[f64]) -> Result<Vec<f64>>,
+) -> Result<candle_core::Tensor> {
+    let dev = candle_core::Device::Cpu;
+    match t.dtype() {
+        DType::F32 => candle_core::Tensor::from_vec(with_slice(t, op, f32s)?, shape, &dev),
+        DType::F64 => candle_core::Tensor::from_vec(with_slice(t, op, f64s)?, shape, &dev),
+        dt => Err(unsupported_dtype(op, dt)),
+    }
+}

@@ -1,19 +1,37 @@
-//! Custom ops with a backward: STFT/iSTFT, memory-lean attention, RMSNorm, softmax, RoPE.
+//! Custom ops with a backward: STFT/iSTFT, memory-lean attention, RMSNorm, softmax, RoPE, and
+//! the transformer's fused projections.
 //!
 //! candle's fused softmax / rms_norm / layer_norm / sdpa have no backward and candle has no
 //! FFT, so the model uses these instead. Ops with their own kernels are candle `CustomOp`s
 //! with a CPU forward (f32 and f64) and a `bwd`; a `cuda_fwd` can be added to the same op
 //! structs later. The others are compositions of differentiable candle ops.
+//!
+//! The fused ops (RMSNorm, QKV projection with RoPE, attention output projection with the
+//! residual, the feed-forward's linear layers, the mask estimators' per-band linear layers and
+//! GLU, the iSTFT of a masked spectrogram, the loss' multi-resolution STFT L1) exist for
+//! memory: candle keeps every op's inputs for the backward, so a composition keeps each
+//! intermediate; a fused op keeps only its inputs and output. Each has a `*_composed` twin of candle ops: the reference of its
+//! tests and the path on devices without a kernel.
 
 pub mod attention;
+pub mod attn_proj;
 mod cpu;
+pub mod ffn;
+pub mod glu;
+pub mod grouped_linear;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
 pub mod stft;
+pub mod stft_l1;
 
-pub use attention::{flash_attention, reference_attention};
-pub use norm::rms_norm;
+pub use attention::{flash_attention, flash_attention_packed, reference_attention};
+pub use attn_proj::{SeqLayout, out_proj_residual, qkv_rope};
+pub use ffn::{gelu_linear_bias, linear_bias};
+pub use glu::glu_tanh;
+pub use grouped_linear::grouped_linear;
+pub use norm::{rms_norm, rms_norm_groups};
 pub use rope::Rope;
 pub use softmax::{logsumexp_last_dim, softmax_last_dim};
 pub use stft::Stft;
+pub use stft_l1::multi_stft_l1;

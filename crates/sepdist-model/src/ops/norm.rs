@@ -1,12 +1,25 @@
-//! Differentiable RMSNorm.
+//! Differentiable RMSNorm: a fused op with its own backward, and the composed reference.
 //!
-//! candle-nn's fused `rms_norm` has no backward; this is a composition of basic candle ops
-//! (each with a backward), so it trains on every device.
+//! candle-nn's fused `rms_norm` has no backward. The composition of basic candle ops
+//! ([`rms_norm_composed`]) trains on every device but keeps three activation-sized tensors per
+//! call for the backward (`x²`, `x / rms`, the output) plus the gradient chains candle's
+//! backward builds through them. [`rms_norm`] is one custom op on the CPU: the graph keeps only
+//! its input and output, and its backward (one kernel) returns `dx` and `dγ` in one buffer.
 
-use candle_core::{D, Error, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Device, Error, Layout, Result};
+use candle_core::{Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{Real, cast, contiguous_slice, unsupported_dtype};
+
+/// Rows per work item of the kernels (and per partial sum of `dγ`, so the sums do not depend
+/// on the thread count).
+const ROWS: usize = 64;
 
 /// `x / sqrt(mean(x², last dim) + eps) · gamma`, with `gamma` of shape `[D]` where `D` is the
-/// last dimension of `x`. Differentiable in `x` and `gamma`.
+/// last dimension of `x`. Differentiable in `x` and `gamma`. A fused op on the CPU, the
+/// composition ([`rms_norm_composed`]) elsewhere.
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if gamma.dims() != [d] {
@@ -16,12 +29,251 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
             x.dims()
         )));
     }
-    if !(eps.is_finite() && eps >= 0.0) {
+    check_eps(eps)?;
+    fused(x, gamma, 1, eps, || rms_norm_composed(x, gamma, eps))
+}
+
+/// RMSNorm of `G` groups of rows with a gain per group: `x` `[G, M, D]`, `gamma` `[G, D]`;
+/// row `m` of group `g` is normalised and scaled by `gamma[g]`. Differentiable in both.
+pub fn rms_norm_groups(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
+    let (g, _, d) = x.dims3()?;
+    if gamma.dims() != [g, d] {
         return Err(Error::Msg(format!(
-            "rms_norm: eps must be finite and >= 0, got {eps}"
+            "rms_norm_groups: gamma has shape {:?}, expected [{g}, {d}] for x {:?}",
+            gamma.dims(),
+            x.dims()
         )));
     }
+    check_eps(eps)?;
+    fused(x, gamma, g, eps, || {
+        let ones = Tensor::ones(d, x.dtype(), x.device())?;
+        rms_norm_composed(x, &ones, eps)?.broadcast_mul(&gamma.unsqueeze(1)?)
+    })
+}
+
+/// The composition of basic candle ops (each with a backward): the reference of the tests and
+/// the path on devices without a kernel.
+pub fn rms_norm_composed(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv_rms)?.broadcast_mul(gamma)
+}
+
+fn check_eps(eps: f64) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Msg(format!(
+            "rms_norm: eps must be finite and >= 0, got {eps}"
+        )))
+    }
+}
+
+fn fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    groups: usize,
+    eps: f64,
+    composed: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != gamma.dtype() || x.elem_count() == 0 {
+        return composed();
+    }
+    x.contiguous()?
+        .apply_op2(&gamma.contiguous()?, RmsNorm { eps, groups })
+}
+
+/// Forward op: `(x, gamma)` → normalised `x`, `groups` groups of rows with one gain row each.
+struct RmsNorm {
+    eps: f64,
+    groups: usize,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().dims().last().copied().unwrap_or(1);
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(forward(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                self.groups,
+                d,
+                cast(self.eps),
+            )),
+            DType::F64 => CpuStorage::F64(forward(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                self.groups,
+                d,
+                self.eps,
+            )),
+            dt => return Err(unsupported_dtype(name, dt)),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = RmsNormBwd {
+            eps: self.eps,
+            groups: self.groups,
+        };
+        // One buffer: dx then dγ.
+        let packed = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &op)?;
+        let n = x.elem_count();
+        let dx = x
+            .track_op()
+            .then(|| packed.narrow(0, 0, n)?.reshape(x.shape()))
+            .transpose()?;
+        let dgamma = gamma
+            .track_op()
+            .then(|| {
+                packed
+                    .narrow(0, n, gamma.elem_count())?
+                    .reshape(gamma.shape())
+            })
+            .transpose()?;
+        Ok((dx, dgamma))
+    }
+}
+
+/// Backward op: `(x, gamma, grad)` → `[numel(x) + numel(gamma)]` = (dx, dγ) flattened.
+struct RmsNormBwd {
+    eps: f64,
+    groups: usize,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().dims().last().copied().unwrap_or(1);
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(backward(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+                self.groups,
+                d,
+                cast(self.eps),
+            )),
+            DType::F64 => CpuStorage::F64(backward(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+                self.groups,
+                d,
+                self.eps,
+            )),
+            dt => return Err(unsupported_dtype(name, dt)),
+        };
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// `1 / sqrt(mean(row²) + eps)`.
+#[inline]
+fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
+    let ss = row.iter().fold(T::zero(), |a, &v| a + v * v);
+    let n: T = cast(row.len() as f64);
+    (ss / n + eps).sqrt().recip()
+}
+
+fn forward<T: Real>(x: &[T], gamma: &[T], groups: usize, d: usize, eps: T) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    let per_group = x.len() / groups.max(1);
+    out.par_chunks_mut(ROWS * d)
+        .zip(x.par_chunks(ROWS * d))
+        .enumerate()
+        .for_each(|(c, (ob, xb))| {
+            for (r, (orow, xrow)) in ob.chunks_mut(d).zip(xb.chunks(d)).enumerate() {
+                let g = (c * ROWS + r) * d / per_group.max(1);
+                let gam = &gamma[g * d..(g + 1) * d];
+                let inv = inv_rms(xrow, eps);
+                for ((o, &v), &w) in orow.iter_mut().zip(xrow).zip(gam) {
+                    *o = v * inv * w;
+                }
+            }
+        });
+    out
+}
+
+/// Per row: `x̂ = x·r`, `dx = r·(g∘γ − x̂·mean(g∘γ∘x̂))`; `dγ = Σ_rows g∘x̂` per group, summed in
+/// fixed chunks of [`ROWS`] rows.
+fn backward<T: Real>(x: &[T], gamma: &[T], grad: &[T], groups: usize, d: usize, eps: T) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() + gamma.len()];
+    let (dx, dgamma) = out.split_at_mut(x.len());
+    let per_group = x.len() / groups.max(1);
+    let n: T = cast(d as f64);
+    for (g, ((dxg, xg), gg)) in dx
+        .chunks_mut(per_group.max(1))
+        .zip(x.chunks(per_group.max(1)))
+        .zip(grad.chunks(per_group.max(1)))
+        .enumerate()
+    {
+        let gam = &gamma[g * d..(g + 1) * d];
+        let partials: Vec<Vec<T>> = dxg
+            .par_chunks_mut(ROWS * d)
+            .zip(xg.par_chunks(ROWS * d))
+            .zip(gg.par_chunks(ROWS * d))
+            .map(|((db, xb), gb)| {
+                let mut dgam = vec![T::zero(); d];
+                for ((drow, xrow), grow) in db.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                    let inv = inv_rms(xrow, eps);
+                    let mut dot = T::zero();
+                    for ((&v, &gv), &w) in xrow.iter().zip(grow).zip(gam) {
+                        dot += gv * w * v * inv;
+                    }
+                    let dot = dot / n;
+                    for ((((o, &v), &gv), &w), dg) in drow
+                        .iter_mut()
+                        .zip(xrow)
+                        .zip(grow)
+                        .zip(gam)
+                        .zip(dgam.iter_mut())
+                    {
+                        let xhat = v * inv;
+                        *o = inv * (gv * w - xhat * dot);
+                        *dg += gv * xhat;
+                    }
+                }
+                dgam
+            })
+            .collect();
+        let dst = &mut dgamma[g * d..(g + 1) * d];
+        for p in partials {
+            for (a, b) in dst.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    }
+    out
 }

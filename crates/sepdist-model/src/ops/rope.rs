@@ -71,6 +71,11 @@ impl Rope {
         self.head_dim
     }
 
+    /// The cos and sin tables, `[max_len, head_dim]` each, every pair's value twice.
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` of shape `[B, H, T, Dh]` (`T ≤ max_len`, `Dh = head_dim`); position of
     /// row `t` is `t`. Differentiable.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {

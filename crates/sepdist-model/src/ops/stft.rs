@@ -137,7 +137,39 @@ impl Stft {
         apply_on_cpu(spec, op)
     }
 
-    fn geometry(&self, n: usize, frames: usize) -> Result<Arc<Geometry>> {
+    /// The iSTFT ([`Stft::inverse`]) of the complex product `mask · spec` ((re, im) last):
+    /// `mask` `[B, S, ..., F, T, 2]` (any layout), `spec` `[B, ..., F, T, 2]` shared by the `S`
+    /// masks of each item; returns `[B, S, ..., length]`. Differentiable in both. One op on the
+    /// CPU, so that the graph keeps the mask and the spectrogram but not the product's four
+    /// partial products, its two halves and their concatenation ([`inverse_masked_composed`]).
+    pub fn inverse_masked(&self, mask: &Tensor, spec: &Tensor, length: usize) -> Result<Tensor> {
+        let (md, sd) = (mask.dims(), spec.dims());
+        let r = md.len();
+        if r < 5 || sd.len() != r - 1 || sd[0] != md[0] || sd[1..] != md[2..] {
+            return Err(Error::Msg(format!(
+                "istft: mask {md:?} must be [B, S, ..., F, T, 2] for the spectrogram {sd:?}"
+            )));
+        }
+        // Checks the spectrogram part of the shape as `inverse` does.
+        if md[r - 1] != 2 || md[r - 3] != self.n_bins() || length == 0 || md[r - 2] == 0 {
+            return Err(Error::Msg(format!(
+                "istft: expected a mask [..., {}, T > 0, 2] and a length > 0, got {md:?}, {length}",
+                self.n_bins()
+            )));
+        }
+        if !mask.device().is_cpu() || mask.dtype() != spec.dtype() {
+            return inverse_masked_composed(self, mask, spec, length);
+        }
+        let op = MaskedIstft {
+            istft: SpecOp {
+                kind: Kind::Istft,
+                geom: self.geometry(length, md[r - 2])?,
+            },
+        };
+        mask.apply_op2(&spec.contiguous()?, op)
+    }
+
+    pub(super) fn geometry(&self, n: usize, frames: usize) -> Result<Arc<Geometry>> {
         let geom = Geometry {
             n_fft: self.n_fft,
             hop: self.hop,
@@ -147,6 +179,220 @@ impl Stft {
         };
         Ok(Arc::new(geom))
     }
+}
+
+/// [`Stft::inverse_masked`] composed from candle ops: the complex product by narrows and
+/// broadcast products, concatenated, then [`Stft::inverse`].
+pub fn inverse_masked_composed(
+    stft: &Stft,
+    mask: &Tensor,
+    spec: &Tensor,
+    length: usize,
+) -> Result<Tensor> {
+    let last = mask.rank() - 1;
+    let spec = spec.unsqueeze(1)?;
+    let (mr, mi) = (mask.narrow(last, 0, 1)?, mask.narrow(last, 1, 1)?);
+    let (sr, si) = (spec.narrow(last, 0, 1)?, spec.narrow(last, 1, 1)?);
+    let re = (mr.broadcast_mul(&sr)? - mi.broadcast_mul(&si)?)?;
+    let im = (mr.broadcast_mul(&si)? + mi.broadcast_mul(&sr)?)?;
+    stft.inverse(&Tensor::cat(&[re, im], last)?, length)
+}
+
+/// `(mask, spec)` → iSTFT of their complex product. `mask` is read through its strides.
+struct MaskedIstft {
+    istft: SpecOp,
+}
+
+impl MaskedIstft {
+    /// Items (the product of the leading dims) and sources of the mask, complex values per
+    /// spectrogram.
+    fn sizes(mask: &[usize]) -> (usize, usize, usize) {
+        let r = mask.len();
+        (mask[0], mask[1], mask[2..r - 1].iter().product())
+    }
+
+    /// `mask · spec` in the mask's logical order, `[B, S, ..., F, T, 2]` contiguous.
+    fn product<T: Real>(mask: Vec<T>, spec: &[T], s: usize, per: usize) -> Vec<T> {
+        let mut y = mask;
+        y.par_chunks_mut(2 * per).enumerate().for_each(|(bs, yb)| {
+            let sb = &spec[(bs / s) * 2 * per..(bs / s + 1) * 2 * per];
+            for (m, x) in yb.chunks_mut(2).zip(sb.chunks(2)) {
+                let (mr, mi) = (m[0], m[1]);
+                m[0] = mr * x[0] - mi * x[1];
+                m[1] = mr * x[1] + mi * x[0];
+            }
+        });
+        y
+    }
+
+    fn forward<T: Real>(&self, mask: Vec<T>, spec: &[T], dims: &[usize]) -> Result<Vec<T>> {
+        let (b, s, per) = Self::sizes(dims);
+        let y = Self::product(mask, spec, s, per);
+        let g = &self.istft.geom;
+        istft_cpu(g, &y, b * s * per / (g.bins() * g.frames))
+    }
+}
+
+/// The elements of a tensor in its logical (row-major) order, read through `layout`'s strides.
+fn gather_strided<T: Copy + Send + Sync>(data: &[T], layout: &Layout) -> Vec<T> {
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return data[start..end].to_vec();
+    }
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let r = dims.len();
+    let inner = dims[r - 1];
+    let rows: usize = dims[..r - 1].iter().product();
+    let mut out = Vec::with_capacity(rows * inner);
+    let mut idx = vec![0usize; r - 1];
+    for _ in 0..rows {
+        let base = layout.start_offset()
+            + idx
+                .iter()
+                .zip(strides)
+                .map(|(&i, &st)| i * st)
+                .sum::<usize>();
+        out.extend((0..inner).map(|j| data[base + j * strides[r - 1]]));
+        for k in (0..r - 1).rev() {
+            idx[k] += 1;
+            if idx[k] < dims[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for MaskedIstft {
+    fn name(&self) -> &'static str {
+        "masked-istft"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let dims = l1.dims();
+        let out = match (s1, s2.dtype()) {
+            (CpuStorage::F32(m), DType::F32) => CpuStorage::F32(self.forward(
+                gather_strided(m, l1),
+                contiguous_slice(s2, l2, name)?,
+                dims,
+            )?),
+            (CpuStorage::F64(m), DType::F64) => CpuStorage::F64(self.forward(
+                gather_strided(m, l1),
+                contiguous_slice(s2, l2, name)?,
+                dims,
+            )?),
+            _ => return Err(unsupported_dtype(name, s1.dtype())),
+        };
+        let mut shape = dims[..dims.len() - 3].to_vec();
+        shape.push(self.istft.geom.n);
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        mask: &Tensor,
+        spec: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = mask.dims().to_vec();
+        let (_, s, per) = Self::sizes(&dims);
+        // The gradient of the product: the iSTFT's adjoint, `[B, S, ..., F, T, 2]`.
+        let adjoint = SpecOp {
+            kind: Kind::IstftAdjoint,
+            geom: self.istft.geom.clone(),
+        };
+        let dy = grad.contiguous()?.apply_op1_no_bwd(&adjoint)?;
+        let spec_d = spec.detach();
+        // d spec = Σ_s dy · conj(mask) (only when the spectrogram is tracked; the model's is
+        // data).
+        let dspec = if spec.track_op() {
+            let m = mask.detach().contiguous()?;
+            let prod = |dy: &[f32]| {
+                super::cpu::with_slice::<f32, _>(&m, "masked-istft-bwd", |m| {
+                    Ok(conj_product_sum(dy, m, s, per))
+                })
+            };
+            let prod64 = |dy: &[f64]| {
+                super::cpu::with_slice::<f64, _>(&m, "masked-istft-bwd", |m| {
+                    Ok(conj_product_sum(dy, m, s, per))
+                })
+            };
+            Some(super::cpu::map_tensor(
+                &dy,
+                spec.shape(),
+                "masked-istft-bwd",
+                prod,
+                prod64,
+            )?)
+        } else {
+            None
+        };
+        // d mask = dy · conj(spec), broadcast over the sources.
+        let dmask = if mask.track_op() {
+            let prod = |dy: &[f32]| {
+                super::cpu::with_slice::<f32, _>(&spec_d, "masked-istft-bwd", |x| {
+                    Ok(conj_product(dy, x, s, per))
+                })
+            };
+            let prod64 = |dy: &[f64]| {
+                super::cpu::with_slice::<f64, _>(&spec_d, "masked-istft-bwd", |x| {
+                    Ok(conj_product(dy, x, s, per))
+                })
+            };
+            Some(super::cpu::map_tensor(
+                &dy,
+                dims,
+                "masked-istft-bwd",
+                prod,
+                prod64,
+            )?)
+        } else {
+            None
+        };
+        Ok((dmask, dspec))
+    }
+}
+
+/// `g · conj(x)` per complex value, `x` `[B, P]` broadcast over the `s` sources of `g`
+/// `[B, S, P]` (`P = per` complex values).
+fn conj_product<T: Real>(g: &[T], x: &[T], s: usize, per: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(2 * per)
+        .zip(g.par_chunks(2 * per))
+        .enumerate()
+        .for_each(|(bs, (ob, gb))| {
+            let xb = &x[(bs / s) * 2 * per..(bs / s + 1) * 2 * per];
+            for ((o, gv), xv) in ob.chunks_mut(2).zip(gb.chunks(2)).zip(xb.chunks(2)) {
+                o[0] = gv[0] * xv[0] + gv[1] * xv[1];
+                o[1] = gv[1] * xv[0] - gv[0] * xv[1];
+            }
+        });
+    out
+}
+
+/// `Σ_s g_s · conj(m_s)` for `g`, `m` `[B, S, P]`: `[B, P]`.
+fn conj_product_sum<T: Real>(g: &[T], m: &[T], s: usize, per: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len() / s];
+    out.par_chunks_mut(2 * per).enumerate().for_each(|(b, ob)| {
+        for src in 0..s {
+            let at = (b * s + src) * 2 * per;
+            let (gb, mb) = (&g[at..at + 2 * per], &m[at..at + 2 * per]);
+            for ((o, gv), mv) in ob.chunks_mut(2).zip(gb.chunks(2)).zip(mb.chunks(2)) {
+                o[0] += gv[0] * mv[0] + gv[1] * mv[1];
+                o[1] += gv[1] * mv[0] - gv[0] * mv[1];
+            }
+        }
+    });
+    out
 }
 
 /// Applies `op`; tensors on another device make a (differentiable) round trip through the CPU
@@ -164,17 +410,17 @@ fn apply_on_cpu(x: &Tensor, op: SpecOp) -> Result<Tensor> {
 
 /// Everything a kernel needs: transform sizes, window, signal length and frame count.
 #[derive(Debug)]
-struct Geometry {
-    n_fft: usize,
-    hop: usize,
-    window: Arc<[f64]>,
+pub(super) struct Geometry {
+    pub(super) n_fft: usize,
+    pub(super) hop: usize,
+    pub(super) window: Arc<[f64]>,
     /// Signal length (input of the STFT, output of the iSTFT).
-    n: usize,
-    frames: usize,
+    pub(super) n: usize,
+    pub(super) frames: usize,
 }
 
 impl Geometry {
-    fn bins(&self) -> usize {
+    pub(super) fn bins(&self) -> usize {
         self.n_fft / 2 + 1
     }
 
@@ -326,7 +572,7 @@ impl CustomOp1 for SpecOp {
 
 /// Index into the signal of sample `i` of the reflect-padded signal (`i` relative to the
 /// signal start, may be negative or past the end). Requires `n > pad`.
-fn reflect(i: isize, n: usize) -> usize {
+pub(super) fn reflect(i: isize, n: usize) -> usize {
     let n = n as isize;
     let j = if i < 0 {
         -i
@@ -338,11 +584,11 @@ fn reflect(i: isize, n: usize) -> usize {
     j as usize
 }
 
-fn window_as<T: Real>(g: &Geometry) -> Vec<T> {
+pub(super) fn window_as<T: Real>(g: &Geometry) -> Vec<T> {
     g.window.iter().map(|&w| cast(w)).collect()
 }
 
-fn fft_error(op: &str, e: realfft::FftError) -> Error {
+pub(super) fn fft_error(op: &str, e: realfft::FftError) -> Error {
     Error::Msg(format!("{op}: FFT failed: {e}"))
 }
 
@@ -352,7 +598,7 @@ const OLA_CHUNK: usize = 4096;
 /// Overlap-adds `frames` consecutive `n_fft`-sample frames (`buf` is `[frames, n_fft]`) at
 /// stride `hop` into a buffer of `len` samples, in parallel over output chunks (each chunk
 /// sums the frames that overlap it, so no two workers write the same sample).
-fn overlap_add<T: Real>(buf: &[T], n_fft: usize, hop: usize, len: usize) -> Vec<T> {
+pub(super) fn overlap_add<T: Real>(buf: &[T], n_fft: usize, hop: usize, len: usize) -> Vec<T> {
     let frames = buf.len() / n_fft;
     let mut ola = vec![T::zero(); len];
     ola.par_chunks_mut(OLA_CHUNK)

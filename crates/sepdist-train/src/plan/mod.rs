@@ -16,8 +16,8 @@
 //! The planner describes this code as it is (including its inefficiencies: ZeRO-2 keeps the
 //! whole flat gradient, every gradient bucket's send and receive copies are in flight at the
 //! end of the backward, the weights exist both as `Var`s and as the flat master copy).
-//! ZeRO-3 and bf16 are predicted from their design (issues 6 and 7) until they exist and can
-//! be measured; such settings are marked.
+//! bf16 is predicted from its design (issue 7) until it exists and can be measured; such
+//! settings are marked.
 //!
 //! Step time model (relative, for comparing settings of one config and device): compute =
 //! model FLOPs of the step × (3 + r) / 3 with `r` the forward FLOPs recomputed by activation
@@ -30,6 +30,7 @@
 
 pub(crate) mod model;
 pub(crate) mod tape;
+pub mod text;
 
 use crate::buckets::BucketPlan;
 use crate::engine::FlatLayout;
@@ -152,7 +153,11 @@ impl DeviceSpec {
 
 /// `MemAvailable` of `/proc/meminfo`, bytes.
 pub fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    mem_available_in(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemAvailable` of the text of a `/proc/meminfo`, bytes.
+pub fn mem_available_in(text: &str) -> Option<u64> {
     let kb: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))?
@@ -291,8 +296,8 @@ pub struct Prediction {
     pub world_size: usize,
     /// Trainable scalars.
     pub params: u64,
-    /// Parameters as `Var`s plus the flat fp32 master copy (ZeRO-3: the shard and one
-    /// gathered block).
+    /// Parameters as `Var`s plus the flat fp32 master copy (ZeRO-3: the shard only; the
+    /// gathered pieces are in the micro-batch's replay).
     pub parameters: u64,
     /// The flat fp32 gradient (and ZeRO-2's shard scratch).
     pub gradients: u64,
@@ -336,8 +341,7 @@ pub struct Prediction {
     pub compute_s: f64,
     pub comm_bytes: f64,
     pub comm_s: f64,
-    /// False when the setting needs something this build does not have (ZeRO-3; bf16 on
-    /// CPU).
+    /// False when the setting needs something this build does not have (bf16 on CPU).
     pub implemented: bool,
 }
 
@@ -359,8 +363,6 @@ pub struct Planner {
     blocks: Vec<model::BlockInfo>,
     layout: FlatLayout,
     block_params: Vec<Vec<usize>>,
-    /// Largest block's parameter count (ZeRO-3 gathers one block at a time).
-    max_block_params: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +378,8 @@ impl Planner {
         if world == 0 {
             return Err(PlanError::Input("the world size must be at least 1".into()));
         }
-        let sep = Separator::new(&cfg.model, cfg.dataset.sources.len())?;
+        // The trainer's model: mask estimators named by source, in the same flat layout.
+        let sep = Separator::with_sources(&cfg.model, &cfg.dataset.sources)?;
         let layout = FlatLayout::new(sep.param_specs());
         let index: std::collections::BTreeMap<&str, usize> = layout
             .specs
@@ -394,12 +397,6 @@ impl Planner {
                     .collect()
             })
             .collect();
-        let max_block_params = sep
-            .blocks()
-            .iter()
-            .map(|b| b.num_params())
-            .max()
-            .unwrap_or(0);
         let blocks = model::block_infos(&sep);
         Ok(Self {
             cfg: cfg.clone(),
@@ -409,7 +406,6 @@ impl Planner {
             blocks,
             layout,
             block_params,
-            max_block_params,
         })
     }
 
@@ -432,6 +428,40 @@ impl Planner {
             }
         }
         after
+    }
+
+    /// ZeRO-3's pieces (as `Engine::pieces`) with shards of `per` elements: their sizes and
+    /// per-rank chunks, exactly as the trainer's `zero3::Zero3` lays them out.
+    fn gathers(&self, per: usize) -> model::Gathers {
+        let piece = |ids: &mut dyn Iterator<Item = usize>| -> (u64, u64) {
+            let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+            for i in ids {
+                let r = self.layout.range(i);
+                match ranges.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => ranges.push(r),
+                }
+            }
+            let exchange = crate::zero3::PieceExchange::new(&ranges, per, self.world);
+            (exchange.len() as u64, exchange.chunk() as u64)
+        };
+        let last = self.block_params.len().saturating_sub(1);
+        let blocks = self.block_params[..last]
+            .iter()
+            .map(|ids| piece(&mut ids.iter().copied()))
+            .collect();
+        let head_block = &self.sep.blocks()[last];
+        let head = (0..head_block.head_sources())
+            .map(|src| {
+                let local = head_block.head_source_params(src).unwrap_or_default();
+                piece(&mut local.iter().map(|&j| self.block_params[last][j]))
+            })
+            .collect();
+        model::Gathers {
+            world: self.world as u64,
+            blocks,
+            head,
+        }
     }
 
     /// Forward FLOPs per sample of the blocks that checkpointing recomputes (band split and
@@ -472,16 +502,11 @@ impl Planner {
             setting.segment_length,
             es,
         );
-        let blk = self.max_block_params;
         // Buffers of known size.
         let (parameters, gradients, optimizer) = if stage >= 3 {
-            // Design: the fp32 master shard plus one gathered block; the gradient shard plus
-            // one block's full gradient before its reduce-scatter; the moments' shard.
-            (
-                padded / w * 4 + blk * es,
-                padded / w * 4 + blk * 4,
-                2 * (padded / w) * 4,
-            )
+            // This rank's shards of the fp32 parameters, gradient and moments; the gathered
+            // pieces are in the micro-batch's replay.
+            (padded / w * 4, padded / w * 4, 2 * (padded / w) * 4)
         } else {
             let scratch = if w > 1 && stage >= 2 {
                 padded / w * 4
@@ -522,7 +547,16 @@ impl Planner {
         } else {
             Vec::new()
         };
-        let micro = model::micro_batch(&shapes, &self.blocks, setting.checkpointing, &buckets);
+        let gathers = (stage >= 3).then(|| self.gathers((padded / w) as usize));
+        let mut shapes = shapes;
+        shapes.gathered = gathers.is_some();
+        let micro = model::micro_batch(
+            &shapes,
+            &self.blocks,
+            setting.checkpointing,
+            &buckets,
+            gathers.as_ref(),
+        );
         let persistent = parameters + gradients + optimizer + runtime;
         let forward_peak = persistent + data + target + micro.forward_peak;
         let backward_peak = persistent + data + target + micro.backward_peak;
@@ -532,10 +566,8 @@ impl Planner {
             micro.comm_in_flight
         } else if w > 1 && stage == 2 {
             padded * 4 + padded / w * 4
-        } else if w > 1 && stage >= 3 {
-            // Design: one block's gather (its shard sent, the block received) and reduce-scatter.
-            blk * 4 * 2
         } else {
+            // ZeRO-3 gathers and reduce-scatters inside the micro-batch (in its replay).
             0
         };
         // Optimizer phase: ZeRO ≥ 1 all-gathers the parameters (this rank's shard copied
@@ -559,7 +591,9 @@ impl Planner {
             prefetched * audio
         };
         let communication_peak = persistent + queued + comm_phase;
-        let optimizer_peak = persistent + queued + opt_comm + largest_param * 4;
+        // Each parameter's copy into its Var (none under ZeRO-3: the engine holds no Vars).
+        let load_copy = if stage >= 3 { 0 } else { largest_param * 4 };
+        let optimizer_peak = persistent + queued + opt_comm + load_copy;
         let fb = forward_peak.max(backward_peak);
         let peak = fb.max(communication_peak).max(optimizer_peak);
         let (peak_phase, peak_at) = if peak == fb {
@@ -605,11 +639,15 @@ impl Planner {
             (_, 0) => 2.0 * ring,
             (_, 1) => 3.0 * ring,
             (_, 2) => 2.0 * ring,
-            // Two gathers and one reduce-scatter per micro-batch.
-            _ => 3.0 * ring * setting.accumulation as f64,
+            // Per micro-batch, one gather of every piece for the forward, a second one of
+            // every recomputed block, one reduce-scatter of every piece.
+            _ => {
+                let gathers = if setting.checkpointing { 2.0 } else { 1.0 };
+                (gathers + 1.0) * ring * setting.accumulation as f64
+            }
         };
         let comm_s = comm_bytes / self.device.link_bytes_per_s;
-        let implemented = stage < 3 && (!bf16 || self.device.kind.is_gpu());
+        let implemented = !bf16 || self.device.kind.is_gpu();
         Prediction {
             setting: setting.clone(),
             world_size: self.world,
@@ -622,7 +660,7 @@ impl Planner {
             activations,
             transient,
             communication,
-            optimizer_buffers: opt_comm + largest_param * 4,
+            optimizer_buffers: opt_comm + load_copy,
             forward_peak,
             backward_peak,
             communication_peak,
@@ -775,11 +813,13 @@ impl Planner {
     /// micro-batch, then implemented ones, lower ZeRO stage, no checkpointing), or the one
     /// that gets closest.
     pub fn fit(&self, effective: usize, budget: u64) -> Result<Fit, PlanError> {
-        let mut all: Vec<Prediction> = self
-            .fit_candidates(effective)?
-            .iter()
-            .map(|s| self.predict(s))
-            .collect();
+        self.fit_among(&self.fit_candidates(effective)?, budget)
+    }
+
+    /// [`Planner::fit`] over `candidates` (the trainer's out-of-memory handling narrows
+    /// [`Planner::fit_candidates`] to what it can run).
+    pub fn fit_among(&self, candidates: &[Setting], budget: u64) -> Result<Fit, PlanError> {
+        let mut all: Vec<Prediction> = candidates.iter().map(|s| self.predict(s)).collect();
         let key = |p: &Prediction| {
             (
                 (p.step_s() * 1e9).round() as u64,
@@ -814,37 +854,12 @@ fn divisors(n: usize) -> Vec<usize> {
     (1..=n).filter(|d| n % d == 0).collect()
 }
 
-/// Parses `97GB`, `97.9 GB`, `24GiB`, `512MB`, `1e9` (bytes).
+/// Parses `97GB`, `97.9 GB`, `24GiB`, `512MB`, `1e9` (bytes; the config's sizes).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 97GB, 24GiB, 512MB)"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => (1u64 << 20) as f64,
-        "gib" => (1u64 << 30) as f64,
-        "tib" => (1u64 << 40) as f64,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{s}` (GB, GiB, MB, ...)"
-            ));
-        }
-    };
-    if !(value.is_finite() && value > 0.0) {
-        return Err(format!("`{s}` must be a positive size"));
+    match sepdist_config::ByteSize::parse(s)? {
+        sepdist_config::ByteSize(0) => Err(format!("`{s}` must be a positive size")),
+        sepdist_config::ByteSize(b) => Ok(b),
     }
-    Ok((value * mult).round() as u64)
 }
 
 /// `97.9 GB`, `812.3 MB`, `4.1 kB` (decimal units).

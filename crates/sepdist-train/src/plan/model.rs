@@ -1,10 +1,11 @@
 //! The separator's blocks, the loss and the engine's micro-batch as tapes (see [`super::tape`]):
-//! every op of `sepdist_model::separator`, `loss` and `ops::{norm, rope, attention, stft}` in
-//! the order the code runs it, with the same views, copies and broadcasts. A change to those
+//! every op of `sepdist_model::separator`, `loss` and `ops::{norm, attn_proj, attention, ffn,
+//! grouped_linear, glu, stft, stft_l1}` in the order the code runs it, with the same views, copies and broadcasts (a fused
+//! op is one node, see [`super::tape::Fused`]). A change to those
 //! files needs the same change here; `tests/plan.rs` compares the result with the counting
 //! allocator and fails when they drift apart.
 
-use super::tape::{Bin, Id, Spectral, Tape, Un};
+use super::tape::{Bin, Fused, Id, Tape, Un};
 use sepdist_config::LossConfig;
 use sepdist_model::{BlockKind, Dims, Separator};
 
@@ -34,6 +35,9 @@ pub(crate) struct Shapes {
     pub hop: u64,
     /// Bytes per activation element (4: fp32, 2: bf16).
     pub es: u64,
+    /// ZeRO-3: the parameters are gathered per piece into fresh fp32 tensors that live as
+    /// long as the graph holds them (otherwise they are the engine's `Var`s, counted outside).
+    pub gathered: bool,
     /// Per band group: (bands, bins per band).
     groups: Vec<(u64, u64)>,
     runs: Vec<Run>,
@@ -50,10 +54,9 @@ struct LossShape {
     l1_weight: f64,
     mse_weight: f64,
     multi_weight: f64,
-    /// Source weights other than all 1 (`for_sources`): a weighted difference.
-    source_weighted: bool,
-    /// `S / Σw == 1`: no rescaling of the parts.
-    norm_is_one: bool,
+    /// Per source: whether its share of the loss (`w_s / Σw`, `1 / S` without source
+    /// weights) is 1, so that its parts are not rescaled.
+    share_is_one: Vec<bool>,
 }
 
 impl Shapes {
@@ -69,12 +72,20 @@ impl Shapes {
             .iter()
             .map(|s| loss.source_weights.get(s).copied().unwrap_or(1.0))
             .collect();
-        let source_weighted = weights.iter().any(|&w| w != 1.0);
-        let norm = if source_weighted {
-            weights.len() as f64 / weights.iter().sum::<f64>()
-        } else {
-            1.0
-        };
+        // `SeparationLoss::for_sources` keeps weights only when one differs from 1.
+        let weighted = weights.iter().any(|&w| w != 1.0);
+        let total: f64 = weights.iter().sum();
+        let share_is_one = weights
+            .iter()
+            .map(|&w| {
+                let share = if weighted {
+                    w / total
+                } else {
+                    1.0 / weights.len() as f64
+                };
+                share == 1.0
+            })
+            .collect();
         let l = &dims.layout;
         let mut runs: Vec<(usize, usize, u64)> = Vec::new(); // (group, last member, len)
         for &(g, m) in &l.band_to_group {
@@ -129,6 +140,7 @@ impl Shapes {
             n_fft: dims.n_fft as u64,
             hop: dims.hop as u64,
             es,
+            gathered: false,
             groups,
             runs: runs
                 .into_iter()
@@ -140,8 +152,7 @@ impl Shapes {
                 l1_weight: loss.l1_weight,
                 mse_weight: loss.mse_weight,
                 multi_weight: loss.multi_stft_resolution_loss_weight,
-                source_weighted,
-                norm_is_one: norm == 1.0,
+                share_is_one,
             },
         }
     }
@@ -164,51 +175,61 @@ impl Shapes {
 /// Parameters of a block: variables (tracked) or detached (the recompute policy's first
 /// forward). Their bytes are the parameters' own, accounted outside the tape.
 fn param(t: &mut Tape, s: &Shapes, elems: u64, tracked: bool) -> Id {
-    t.external(elems, s.es, tracked)
+    if s.gathered {
+        t.leaf(elems, 4, tracked)
+    } else {
+        t.external(elems, s.es, tracked)
+    }
 }
 
-/// `ops::norm::rms_norm(x, gamma)` over the last dim of width `d`: `x²`, its mean (a sum and
-/// an affine), `+ eps`, `sqrt`, `recip`, and two broadcast products.
+/// ZeRO-3: per piece, its elements and its per-rank chunk (`zero3::PieceExchange`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Gathers {
+    pub world: u64,
+    /// Per block before the head: (elements, chunk).
+    pub blocks: Vec<(u64, u64)>,
+    /// Per source: the head's piece.
+    pub head: Vec<(u64, u64)>,
+}
+
+impl Gathers {
+    /// Transient bytes of gathering a piece, above the level before it: the piece's buffer
+    /// with the send and receive buffers (ours, and the MPI backend's owned copies of both, as
+    /// a non-blocking collective needs), then with the tensors made from it.
+    fn gather(&self, (len, chunk): (u64, u64)) -> u64 {
+        let collective = if self.world > 1 {
+            len + 2 * (chunk + chunk * self.world)
+        } else {
+            len
+        };
+        collective.max(2 * len) * 4
+    }
+
+    /// Transient bytes of handing a piece's gradient over: the flat copy of the piece's
+    /// gradient with one parameter's `to_vec1`, then with the reduce-scatter's buffers (ours
+    /// and the MPI backend's copies).
+    fn deliver(&self, (len, chunk): (u64, u64), largest_param: u64) -> u64 {
+        let collective = if self.world > 1 {
+            2 * (chunk * self.world + chunk)
+        } else {
+            0
+        };
+        (len + largest_param.max(collective)) * 4
+    }
+}
+
+/// `ops::norm::rms_norm(x, gamma)` over rows of width `d` (or `rms_norm_groups`): one fused
+/// op keeping `x` and `gamma`.
 fn rms_norm(t: &mut Tape, x: Id, gamma: Id, d: u64) -> Id {
-    t.begin();
     let e = t.elems(x);
-    let sq = t.unary(Un::Sqr, x);
-    let sum = t.sum(sq, e / d);
-    let mean = t.affine(sum);
-    let eps = t.affine(mean);
-    let root = t.unary(Un::Sqrt, eps);
-    let inv = t.unary(Un::Recip, root);
-    let xn = t.bbinary(Bin::Mul, x, inv, e);
-    let out = t.bbinary(Bin::Mul, xn, gamma, e);
-    t.end(&[out]);
-    out
+    debug_assert_eq!(e % d, 0, "rows of width {d}");
+    t.fused(Fused::RmsNorm, &[x, gamma], e, 0)
 }
 
-/// `Rope::apply` on a contiguous `[B, H, T, Dh]` tensor with the tables `cos`, `sin`.
-fn rope(t: &mut Tape, x: Id, cos: Id, sin: Id) -> Id {
-    t.begin();
-    let e = t.elems(x);
-    let pairs = t.reshape(x);
-    let x0 = t.narrow(pairs, e / 2, false);
-    let x1 = t.narrow(pairs, e / 2, false);
-    let neg = t.unary(Un::Neg, x1);
-    // cat along the last dim: both arguments are copy2d-compatible, one new tensor.
-    let rotated = t.cat(&[neg, x0]);
-    let rotated = t.reshape(rotated);
-    let a = t.bbinary(Bin::Mul, x, cos, e);
-    let b = t.bbinary(Bin::Mul, rotated, sin, e);
-    let out = t.binary(Bin::Add, a, b);
-    t.end(&[out]);
-    out
-}
-
-/// The tensors a micro-batch shares between blocks: the mixture STFT and the RoPE tables.
+/// The tensors a micro-batch shares between blocks: the mixture STFT (the RoPE tables are
+/// allocated with it and live as long; the fused QKV op reads them without a copy).
 pub(crate) struct Context {
     pub spec: Id,
-    time_cos: Id,
-    time_sin: Id,
-    band_cos: Id,
-    band_sin: Id,
 }
 
 /// `Separator::prepare_context`: the mixture STFT (its kernel's `[T, F]` complex scratch is
@@ -218,23 +239,14 @@ pub(crate) fn context(t: &mut Tape, s: &Shapes) -> Context {
     t.mem.alloc(scratch);
     let spec = t.leaf(s.spec_elems(), s.es, false);
     t.mem.free(scratch);
-    let mut table = |len: u64| {
+    for len in [s.frames, s.bands] {
         let f64s = 2 * len * s.head_dim * 8;
         t.mem.alloc(f64s);
-        let cos = t.leaf(len * s.head_dim, s.es, false);
-        let sin = t.leaf(len * s.head_dim, s.es, false);
+        t.leaf(len * s.head_dim, s.es, false); // cos
+        t.leaf(len * s.head_dim, s.es, false); // sin
         t.mem.free(f64s);
-        (cos, sin)
-    };
-    let (time_cos, time_sin) = table(s.frames);
-    let (band_cos, band_sin) = table(s.bands);
-    Context {
-        spec,
-        time_cos,
-        time_sin,
-        band_cos,
-        band_sin,
     }
+    Context { spec }
 }
 
 /// `Block::band_split`: `[B, 2, F, T, 2]` → `[B, T, K, D]`.
@@ -263,12 +275,8 @@ fn band_split(t: &mut Tape, s: &Shapes, x: Id, tracked: bool) -> Id {
         let cat = t.cat(&parts);
         let xg = t.transpose(cat, n_g == 1); // [n_g, BT, d_g]
         let xg = t.contiguous(xg);
-        let e = n_g * bt * di;
-        let ones = t.leaf(di, s.es, false);
-        let xn = rms_norm(t, xg, ones, di);
         let gamma = param(t, s, n_g * di, tracked);
-        let gamma = t.squeeze(gamma);
-        let xn = t.bbinary(Bin::Mul, xn, gamma, e);
+        let xn = rms_norm(t, xg, gamma, di);
         let w = param(t, s, n_g * di * d, tracked);
         let mm = t.matmul(xn, w, n_g * bt * d);
         let bias = param(t, s, n_g * d, tracked);
@@ -290,99 +298,60 @@ fn band_split(t: &mut Tape, s: &Shapes, x: Id, tracked: bool) -> Id {
     y
 }
 
-/// `Block::forward` of a time (`time == true`) or band transformer.
-fn transformer(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id, time: bool, tracked: bool) -> Id {
+/// `Block::forward` of a time (`time == true`) or band transformer: the fused ops work on
+/// the `[B, T, K, D]` rows as they are, for both kinds.
+fn transformer(t: &mut Tape, s: &Shapes, x: Id, time: bool, tracked: bool) -> Id {
     t.begin(); // Block::forward
-    let u = s.unit();
-    let xs = if time {
-        // x.transpose(1, 2).contiguous().reshape((B·K, T, D))
-        let tr = t.transpose(x, s.frames == 1 || s.bands == 1);
-        let c = t.contiguous(tr);
-        t.reshape(c)
-    } else {
-        t.reshape(x)
-    };
-    let (cos, sin) = if time {
-        (ctx.time_cos, ctx.time_sin)
-    } else {
-        (ctx.band_cos, ctx.band_sin)
-    };
-    let y = transformer_body(t, s, xs, cos, sin, time, tracked);
-    let y = if time {
-        let y = t.reshape(y);
-        let y = t.transpose(y, s.frames == 1 || s.bands == 1);
-        t.contiguous(y)
-    } else {
-        t.reshape(y)
-    };
-    let _ = u;
+    let y = transformer_body(t, s, x, time, tracked);
     t.end(&[y]);
     y
 }
 
-/// `Block::transformer`: one pre-norm layer over `[N, L, D]`.
-fn transformer_body(
-    t: &mut Tape,
-    s: &Shapes,
-    xs: Id,
-    cos: Id,
-    sin: Id,
-    time: bool,
-    tracked: bool,
-) -> Id {
+/// `Block::transformer`: one pre-norm layer of fused ops.
+fn transformer_body(t: &mut Tape, s: &Shapes, xs: Id, time: bool, tracked: bool) -> Id {
     t.begin();
     let u = s.unit();
     let d = s.dim;
-    let hid = s.ffn[usize::from(!time)];
+    let rows = u / d;
+    let ffn = s.ffn[usize::from(!time)];
+    let hid = rows * ffn;
     let inner = s.heads * s.head_dim;
+    let rows_inner = rows * inner;
     let p = |t: &mut Tape, e: u64| param(t, s, e, tracked);
     let g1 = p(t, d);
     let wqkv = p(t, 3 * inner * d);
     let wo = p(t, d * inner);
     let g2 = p(t, d);
-    let w1 = p(t, hid * d);
-    let b1 = p(t, hid);
-    let w2 = p(t, d * hid);
+    let w1 = p(t, ffn * d);
+    let b1 = p(t, ffn);
+    let w2 = p(t, d * ffn);
     let b2 = p(t, d);
-    // Attention.
+    let es = s.es;
+    // Attention: the QKV kernel permutes its `[rows, 3·I]` matmul result (a temporary).
     let hn = rms_norm(t, xs, g1, d);
-    let hn = t.reshape(hn);
-    let wt = t.transpose(wqkv, false);
-    let qkv = t.matmul(hn, wt, 3 * u);
-    let qkv = t.reshape(qkv);
-    let qkv = t.transpose(qkv, false); // permute to [3, N, H, L, Dh]
-    let get = |t: &mut Tape| {
-        // get(i) = narrow(0, i, 1) + reshape: the narrow of the permuted tensor is strided, so
-        // the reshape copies (and the following .contiguous() is free).
-        let v = t.narrow(qkv, u, false);
-        let v = t.reshape(v);
-        t.contiguous(v)
-    };
-    let q = get(t);
-    let q = rope(t, q, cos, sin);
-    let k = get(t);
-    let k = rope(t, k, cos, sin);
-    let v = get(t);
-    let fo = t.flash(q, k, v, s.head_dim);
-    let o = t.narrow(fo, u, false);
-    let o = t.transpose(o, false);
-    let o = t.contiguous(o);
-    let o = t.reshape(o);
-    let wot = t.transpose(wo, false);
-    let proj = t.matmul(o, wot, u);
-    let proj = t.reshape(proj);
-    let xs = t.binary(Bin::Add, xs, proj);
-    // Feed-forward.
+    let qkv = t.fused(
+        Fused::QkvRope,
+        &[hn, wqkv],
+        3 * rows_inner,
+        3 * rows_inner * es,
+    );
+    let fo = t.fused(
+        Fused::FlashPacked,
+        &[qkv],
+        rows_inner / s.head_dim * (s.head_dim + 1),
+        0,
+    );
+    // The output projection gathers `o` into rows (a temporary) for its matmul.
+    let xs = t.fused(
+        Fused::OutProj { rows_inner },
+        &[fo, wo, xs],
+        u,
+        rows_inner * es,
+    );
+    // Feed-forward: GELU of the hidden layer is a temporary of the second kernel.
     let hn = rms_norm(t, xs, g2, d);
-    let hn = t.reshape(hn);
-    let w1t = t.transpose(w1, false);
-    let h = t.matmul(hn, w1t, u / d * hid);
-    let h = t.bbinary(Bin::Add, h, b1, u / d * hid);
-    let h = t.unary(Un::GeluErf, h);
-    let w2t = t.transpose(w2, false);
-    let out = t.matmul(h, w2t, u);
-    let out = t.bbinary(Bin::Add, out, b2, u);
-    let out = t.reshape(out);
+    let h = t.fused(Fused::Linear { gelu: false }, &[hn, w1, b1], hid, 0);
+    let out = t.fused(Fused::Linear { gelu: true }, &[h, w2, b2], u, hid * es);
     let y = t.binary(Bin::Add, xs, out);
     t.end(&[y]);
     y
@@ -399,11 +368,24 @@ fn istft_scratch(s: &Shapes) -> (u64, u64) {
 }
 
 /// `Block::forward` of the head (`masks` then `apply_mask_istft`): `[B, T, K, D]` → estimate
-/// `[B, S, 2, N]`.
+/// `[B, S, 2, N]`. (The engine runs [`head_source`] instead; this is the inference path.)
 fn head(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id) -> Id {
     t.begin();
     let mask = masks(t, s, x);
-    let est = apply_mask_istft(t, s, ctx, mask);
+    let est = apply_mask_istft(t, s, ctx, mask, s.sources);
+    t.end(&[est]);
+    est
+}
+
+/// `Block::head_source`: the head for one source, `[B, T, K, D]` → estimate `[B, 1, 2, N]`.
+fn head_source(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id) -> Id {
+    t.begin();
+    let gamma = param(t, s, s.dim, true);
+    let inputs = mask_inputs(t, s, x, gamma);
+    let m = source_mask(t, s, &inputs);
+    let mask = t.squeeze(m); // unsqueeze(1)
+    t.drop_local(m);
+    let est = apply_mask_istft(t, s, ctx, mask, 1);
     t.end(&[est]);
     est
 }
@@ -411,9 +393,29 @@ fn head(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id) -> Id {
 /// `Block::masks`: `[B, T, K, D]` → complex masks `[B, S, 2, F, T, 2]`.
 fn masks(t: &mut Tape, s: &Shapes, x: Id) -> Id {
     t.begin();
+    let gamma = param(t, s, s.dim, true);
+    let inputs = mask_inputs(t, s, x, gamma);
+    let per_source: Vec<Id> = (0..s.sources).map(|_| source_mask(t, s, &inputs)).collect();
+    // Tensor::stack(_, 1): unsqueeze each; the permuted tensors are not copy2d-compatible, so
+    // cat transposes them to dim 0, copies (cat0) and transposes back.
+    let unsq: Vec<Id> = per_source.iter().map(|&m| t.squeeze(m)).collect();
+    let mask = if unsq.len() == 1 {
+        t.retain(unsq[0])
+    } else {
+        let tr: Vec<Id> = unsq.iter().map(|&m| t.transpose(m, false)).collect();
+        let c = t.cat(&tr);
+        t.transpose(c, false)
+    };
+    t.end(&[mask]);
+    mask
+}
+
+/// `Block::mask_inputs`: the final RMSNorm, then per band group its bands' features
+/// `[n_g, BT, D]`.
+fn mask_inputs(t: &mut Tape, s: &Shapes, x: Id, gamma: Id) -> Vec<Id> {
+    t.begin();
     let bt = s.bt();
     let d = s.dim;
-    let gamma = param(t, s, d, true);
     let xn = rms_norm(t, x, gamma, d);
     let xn = t.reshape(xn);
     let xk = t.transpose(xn, s.bands == 1 || bt == 1);
@@ -432,178 +434,123 @@ fn masks(t: &mut Tape, s: &Shapes, x: Id) -> Id {
             c
         })
         .collect();
-    let mut per_source = Vec::new();
-    for _ in 0..s.sources {
-        t.begin(); // loop body over sources
-        let mut outs = Vec::new();
-        for (g, &(n_g, width)) in s.groups.iter().enumerate() {
-            t.begin(); // loop body over groups
-            let widths = &s.mask_widths[g];
-            let mut h = t.retain(inputs[g]);
-            for l in 0..widths.len() - 1 {
-                let w = param(t, s, n_g * widths[l] * widths[l + 1], true);
-                let e = n_g * bt * widths[l + 1];
-                let m = t.matmul(h, w, e);
-                let bias = param(t, s, n_g * widths[l + 1], true);
-                let bias = t.squeeze(bias);
-                let mut next = t.bbinary(Bin::Add, m, bias, e);
-                t.drop_local(m);
-                t.drop_local(bias);
-                t.drop_local(w);
-                if l + 2 < widths.len() {
-                    let th = t.unary(Un::Tanh, next);
-                    t.drop_local(next);
-                    next = th;
-                }
-                t.drop_local(h); // `h = ...` drops the previous value
-                h = next;
-            }
-            // GLU: first half × sigmoid(second half), sigmoid = (tanh(z/2) + 1)/2.
-            let half = n_g * bt * 4 * width;
-            let z = t.narrow(h, half, false);
-            let z = t.affine(z);
-            let z = t.unary(Un::Tanh, z);
-            let z = t.affine(z);
-            let gate = t.affine(z);
-            let a = t.narrow(h, half, false);
-            let out = t.binary(Bin::Mul, a, gate);
-            t.end(&[out]);
-            outs.push(out);
-        }
-        let parts: Vec<Id> = s
-            .runs
-            .iter()
-            .map(|r| {
-                let di = 4 * s.groups[r.group].1;
-                let v = t.narrow(outs[r.group], r.len * bt * di, true);
-                // transpose(0, 1) is contiguous only for a single band (or frame).
-                let v = t.transpose(v, r.len == 1 || bt == 1);
-                t.reshape(v)
-            })
-            .collect();
-        let m = t.cat(&parts); // [BT, 4F]
-        let m = t.reshape(m);
-        let m = t.transpose(m, false); // permute to [B, 2, F, T, 2]
-        t.end(&[m]);
-        per_source.push(m);
-    }
-    // Tensor::stack(_, 1): unsqueeze each; the permuted tensors are not copy2d-compatible, so
-    // cat transposes them to dim 0, copies (cat0) and transposes back.
-    let unsq: Vec<Id> = per_source.iter().map(|&m| t.squeeze(m)).collect();
-    let mask = if unsq.len() == 1 {
-        t.retain(unsq[0])
-    } else {
-        let tr: Vec<Id> = unsq.iter().map(|&m| t.transpose(m, false)).collect();
-        let c = t.cat(&tr);
-        t.transpose(c, false)
-    };
-    t.end(&[mask]);
-    mask
+    t.end(&inputs);
+    inputs
 }
 
-/// `apply_mask_istft`: complex product of the masks with the (untracked) mixture STFT, then
-/// the iSTFT.
-fn apply_mask_istft(t: &mut Tape, s: &Shapes, ctx: &Context, mask: Id) -> Id {
+/// `Block::source_mask`: one source's mask estimator on the group inputs → its complex mask
+/// `[B, 2, F, T, 2]`.
+fn source_mask(t: &mut Tape, s: &Shapes, inputs: &[Id]) -> Id {
     t.begin();
-    let e_m = t.elems(mask) / 2;
-    let e_s = s.spec_elems() / 2;
-    let spec = t.squeeze(ctx.spec);
-    let mr = t.narrow(mask, e_m, false);
-    let mi = t.narrow(mask, e_m, false);
-    let sr = t.narrow(spec, e_s, false);
-    let si = t.narrow(spec, e_s, false);
-    let a = t.bbinary(Bin::Mul, mr, sr, e_m);
-    let b = t.bbinary(Bin::Mul, mi, si, e_m);
-    let re = t.binary(Bin::Sub, a, b);
-    let a = t.bbinary(Bin::Mul, mr, si, e_m);
-    let b = t.bbinary(Bin::Mul, mi, sr, e_m);
-    let im = t.binary(Bin::Add, a, b);
-    let y = t.cat(&[re, im]);
+    let bt = s.bt();
+    let mut outs = Vec::new();
+    for (g, &(n_g, width)) in s.groups.iter().enumerate() {
+        t.begin(); // loop body over groups
+        let widths = &s.mask_widths[g];
+        let mut h = t.retain(inputs[g]);
+        for l in 0..widths.len() - 1 {
+            // One fused layer (tanh between layers) keeping its input and output.
+            let w = param(t, s, n_g * widths[l] * widths[l + 1], true);
+            let bias = param(t, s, n_g * widths[l + 1], true);
+            let tanh = l + 2 < widths.len();
+            let e = n_g * bt * widths[l + 1];
+            let next = t.fused(Fused::GroupedLinear { tanh }, &[h, w, bias], e, 0);
+            t.drop_local(w);
+            t.drop_local(bias);
+            t.drop_local(h); // `h = ...` drops the previous value
+            h = next;
+        }
+        // GLU: one fused op keeping `h`.
+        let out = t.fused(Fused::Glu, &[h], n_g * bt * 4 * width, 0);
+        t.end(&[out]);
+        outs.push(out);
+    }
+    let parts: Vec<Id> = s
+        .runs
+        .iter()
+        .map(|r| {
+            let di = 4 * s.groups[r.group].1;
+            let v = t.narrow(outs[r.group], r.len * bt * di, true);
+            // transpose(0, 1) is contiguous only for a single band (or frame).
+            let v = t.transpose(v, r.len == 1 || bt == 1);
+            t.reshape(v)
+        })
+        .collect();
+    let m = t.cat(&parts); // [BT, 4F]
+    let m = t.reshape(m);
+    let m = t.transpose(m, false); // permute to [B, 2, F, T, 2]
+    t.end(&[m]);
+    m
+}
+
+/// `apply_mask_istft` (`Stft::inverse_masked`): the iSTFT of the complex product of the masks
+/// of `sources` sources with the (untracked) mixture STFT, one fused op keeping both. Its
+/// kernel copies the (strided) mask into the product's buffer, then runs the iSTFT.
+fn apply_mask_istft(t: &mut Tape, s: &Shapes, ctx: &Context, mask: Id, sources: u64) -> Id {
+    t.begin();
     let (fwd, adj) = istft_scratch(s);
-    let est = t.spectral(
-        y,
-        s.b * s.sources * 2 * s.n,
-        fwd,
-        Spectral {
+    let product = t.elems(mask) * s.es;
+    let est = t.fused(
+        Fused::MaskedIstft {
             adjoint_scratch: adj,
         },
+        &[mask, ctx.spec],
+        s.b * sources * 2 * s.n,
+        product + fwd,
     );
     t.end(&[est]);
     est
 }
 
-/// `SeparationLoss::compute(estimate, target)`: the nodes of `LossParts` (total, waveform,
-/// MSE, multi-STFT), all alive until the engine drops the parts after the backward.
-fn loss(t: &mut Tape, s: &Shapes, estimate: Id, target: Id) -> [Id; 4] {
-    t.begin();
-    let l = &s.loss;
-    let e = t.elems(estimate);
-    let diff = t.binary(Bin::Sub, estimate, target);
-    let (weighted, wt) = if l.source_weighted {
-        let wt = t.leaf(s.sources, s.es, false);
-        (t.bbinary(Bin::Mul, diff, wt, e), Some(wt))
+/// `mean_all` = `sum_all` (a reduction, squeezed) / count (an affine).
+fn mean_all(t: &mut Tape, x: Id) -> Id {
+    let sm = t.sum(x, 1);
+    let sq = t.squeeze(sm);
+    let m = t.affine(sq);
+    t.drop_local(sm);
+    t.drop_local(sq);
+    m
+}
+
+/// A part times a scale other than 1 (an affine); the part itself for 1.
+fn scaled(t: &mut Tape, x: Id, is_one: bool) -> Id {
+    if is_one {
+        x
     } else {
-        (t.retain(diff), None)
-    };
-    let scale = |t: &mut Tape, x: Id| {
-        if l.norm_is_one {
-            x
-        } else {
-            let y = t.affine(x);
-            t.drop_local(x);
-            y
-        }
-    };
-    // mean_all = sum_all (a reduction, squeezed) / count (an affine).
-    let mean_all = |t: &mut Tape, x: Id| {
-        let sm = t.sum(x, 1);
-        let sq = t.squeeze(sm);
-        let m = t.affine(sq);
-        t.drop_local(sm);
-        t.drop_local(sq);
-        m
-    };
-    let abs = t.unary(Un::Abs, weighted);
-    let waveform = mean_all(t, abs);
-    t.drop_local(abs);
-    let waveform = scale(t, waveform);
-    // The MSE is always computed (its graph lives in the parts even at weight 0).
-    let squared = t.unary(Un::Sqr, diff);
-    let squared = match wt {
-        Some(wt) => t.bbinary(Bin::Mul, squared, wt, e),
-        None => squared,
-    };
-    let mse = mean_all(t, squared);
-    let mse = scale(t, mse);
-    let mut multi = t.leaf(1, s.es, false); // waveform.zeros_like()
-    if l.multi_weight != 0.0 {
-        let signals = s.b * s.sources * 2;
-        for &(nf, frames) in &s.loss_res {
-            let bins = nf / 2 + 1;
-            // stft_cpu: a `[T, F]` complex scratch per call; its adjoint a `[T, n_fft]` frame
-            // buffer per call and the padded overlap-add buffer per signal.
-            let fwd = 2 * frames * bins * 4;
-            let adj = frames * nf * 4 + (s.n + nf) * 4;
-            let spec = t.spectral(
-                weighted,
-                signals * bins * frames * 2,
-                fwd,
-                Spectral {
-                    adjoint_scratch: adj,
-                },
-            );
-            let a = t.unary(Un::Abs, spec);
-            t.drop_local(spec);
-            let m = mean_all(t, a);
-            t.drop_local(a);
-            let next = t.binary(Bin::Add, multi, m);
-            t.drop_local(m);
-            t.drop_local(multi);
-            multi = next;
-        }
-        multi = scale(t, multi);
+        let y = t.affine(x);
+        t.drop_local(x);
+        y
     }
-    // Only the parts with a non-zero weight join the total; weight 1 adds the part itself.
+}
+
+/// `SeparationLoss::multi_stft` of the difference `d`: the fused sum over the resolutions of
+/// the mean absolute STFT (`stft_l1::multi_stft_l1`, keeping only `d`), scaled; zeros when its
+/// weight is 0.
+fn multi_stft(t: &mut Tape, s: &Shapes, d: Id, scale_is_one: bool) -> Id {
+    if s.loss.multi_weight == 0.0 {
+        return t.leaf(1, s.es, false); // zeros_like
+    }
+    let multi = if s.loss_res.is_empty() {
+        t.leaf(1, s.es, false) // no resolutions: zeros
+    } else {
+        // Per resolution (one at a time), the forward holds a window, a frame's buffers and an
+        // f64 sum per frame; the backward a `[T, n_fft]` frame buffer and the padded
+        // overlap-add of one signal, on top of `dx`.
+        let (mut fwd, mut bwd) = (0, 0);
+        for &(nf, frames) in &s.loss_res {
+            let buffers = 4 * nf * s.es;
+            fwd = fwd.max(frames * 8 + buffers);
+            bwd = bwd.max((frames * nf + s.n + nf) * s.es + buffers);
+        }
+        t.fused(Fused::MultiStftL1 { scratch: bwd }, &[d], 1, fwd)
+    };
+    scaled(t, multi, scale_is_one)
+}
+
+/// `SeparationLoss::parts`: the total of the parts with a non-zero weight; weight 1 adds the
+/// part itself.
+fn loss_parts(t: &mut Tape, s: &Shapes, waveform: Id, mse: Id, multi: Id) -> [Id; 4] {
+    let l = &s.loss;
     let mut total: Option<Id> = None;
     for (part, w) in [
         (waveform, l.l1_weight),
@@ -628,7 +575,27 @@ fn loss(t: &mut Tape, s: &Shapes, estimate: Id, target: Id) -> [Id; 4] {
         }
     }
     let total = total.unwrap_or_else(|| t.leaf(1, s.es, false));
-    let parts = [total, waveform, mse, multi];
+    [total, waveform, mse, multi]
+}
+
+/// `SeparationLoss::compute_source(estimate, target)` of one source (`estimate` and `target`
+/// `[B, 1, 2, N]`): the nodes of its `LossParts`, alive until the engine drops them after the
+/// source's backward.
+fn loss_source(t: &mut Tape, s: &Shapes, source: usize, estimate: Id, target: Id) -> [Id; 4] {
+    t.begin();
+    // The source's share `w_s / Σw` (`1 / S`) scales each mean unless it is 1.
+    let one = s.loss.share_is_one.get(source).copied().unwrap_or(false);
+    let diff = t.binary(Bin::Sub, estimate, target);
+    let abs = t.unary(Un::Abs, diff);
+    let waveform = mean_all(t, abs);
+    t.drop_local(abs);
+    let waveform = scaled(t, waveform, one);
+    let squared = t.unary(Un::Sqr, diff);
+    let mse = mean_all(t, squared);
+    t.drop_local(squared);
+    let mse = scaled(t, mse, one);
+    let multi = multi_stft(t, s, diff, one);
+    let parts = loss_parts(t, s, waveform, mse, multi);
     t.end(&parts);
     parts
 }
@@ -648,7 +615,8 @@ pub(crate) struct MicroCost {
     pub backward_peak_at: String,
     /// Bytes each block's forward adds to the kept level.
     pub kept_per_block: Vec<(String, u64)>,
-    /// The head's graph with the loss's.
+    /// The head's input Var and the first source's head and loss graphs (the head runs one
+    /// source at a time).
     pub head_and_loss: u64,
     /// Bytes of the communication buffers started during the backward and still in flight
     /// at its end.
@@ -691,8 +659,8 @@ fn forward_block(
 ) -> Id {
     match kind {
         BlockKind::BandSplit => band_split(t, s, x, tracked),
-        BlockKind::Time { .. } => transformer(t, s, ctx, x, true, tracked),
-        BlockKind::Band { .. } => transformer(t, s, ctx, x, false, tracked),
+        BlockKind::Time { .. } => transformer(t, s, x, true, tracked),
+        BlockKind::Band { .. } => transformer(t, s, x, false, tracked),
         BlockKind::Head => head(t, s, ctx, x),
     }
 }
@@ -714,7 +682,20 @@ pub(crate) fn micro_batch(
     blocks: &[BlockInfo],
     recompute: bool,
     buckets_after: &[u64],
+    gathers: Option<&Gathers>,
 ) -> MicroCost {
+    let gather = |t: &mut Tape, piece: Option<(u64, u64)>| {
+        if let (Some(g), Some(p)) = (gathers, piece) {
+            t.mem.spike(g.gather(p));
+        }
+    };
+    // The gradient's copy out of the store: into the flat buffer, or (ZeRO-3) the piece's.
+    let deliver = |t: &mut Tape, piece: Option<(u64, u64)>, largest: u64| match (gathers, piece) {
+        (Some(g), Some(p)) => t.mem.spike(g.deliver(p, largest)),
+        _ => t.mem.spike(largest * 4),
+    };
+    let block_piece = |i: usize| gathers.and_then(|g| g.blocks.get(i).copied());
+    let head_piece = |src: usize| gathers.and_then(|g| g.head.get(src).copied());
     let mut t = Tape::new();
     let mut cost = MicroCost::default();
     // The trainer's batch tensors: the stems are the loss' target.
@@ -730,12 +711,14 @@ pub(crate) fn micro_batch(
         t.mem.at = format!("forward: {}", block.name);
         let before = t.mem.live;
         if recompute {
+            gather(&mut t, block_piece(i));
             let y = forward_block(&mut t, s, &ctx, block.kind, x, false);
             kept.push(Kept::Input(x));
             x = y;
         } else {
             // The first block's input is data; later inputs are copied into a Var.
             let input = (i > 0).then(|| t.leaf(t.elems(x), s.es, true));
+            gather(&mut t, block_piece(i));
             let y = forward_block(&mut t, s, &ctx, block.kind, input.unwrap_or(x), true);
             let detached = t.detach(y);
             t.drop_local(x);
@@ -745,34 +728,73 @@ pub(crate) fn micro_batch(
         cost.kept_per_block
             .push((block.name.clone(), t.mem.live.saturating_sub(before)));
     }
-    t.mem.at = format!("forward: {}", blocks[last].name);
-    let before = t.mem.live;
+    // The head and the loss, one source at a time: forward, backward, gradients added, graph
+    // dropped. The backward starts (the kept level) once the first source's loss is computed.
+    let head_start = t.mem.live;
     let head_in = t.leaf(t.elems(x), s.es, true);
-    let estimate = forward_block(&mut t, s, &ctx, blocks[last].kind, head_in, true);
-    t.mem.at = "forward: loss".into();
-    let parts = loss(&mut t, s, estimate, target);
-    cost.head_and_loss = t.mem.live - before;
-    cost.forward_peak = t.mem.peak - data;
-    cost.forward_peak_at.clone_from(&t.mem.peak_at);
-    cost.kept = t.mem.live - data;
-    // Backward of the head and the loss: one backward from the loss.
-    t.mem.peak = 0;
-    t.mem.at = format!("backward: {} and loss", blocks[last].name);
-    let store = t.backward(parts[0]);
-    for p in parts {
-        t.drop_local(p); // drop((parts, estimate))
+    // drop(x): the trunk's output (its copy is the head's Var; a view of the kept graph's
+    // output unless checkpointing).
+    t.drop_local(x);
+    let source_elems = s.b * 2 * s.n;
+    let mut g: Option<Id> = None;
+    for src in 0..s.sources {
+        let name = &blocks[last].name;
+        t.mem.at = if src == 0 {
+            format!("forward: {name}, source 0")
+        } else {
+            format!("backward: {name}, forward of source {src}")
+        };
+        t.begin(); // the loop body
+        gather(&mut t, head_piece(src as usize));
+        let estimate = head_source(&mut t, s, &ctx, head_in);
+        if src == 0 {
+            t.mem.at = "forward: loss, source 0".into();
+        }
+        let target_s = t.narrow(target, source_elems, s.b == 1 || s.sources == 1);
+        let parts = loss_source(&mut t, s, src as usize, estimate, target_s);
+        t.drop_local(target_s); // a temporary of the statement
+        if src == 0 {
+            // With the head's input Var (the copy of the trunk's output).
+            cost.head_and_loss = t.mem.live - head_start;
+            cost.forward_peak = t.mem.peak - data;
+            cost.forward_peak_at.clone_from(&t.mem.peak_at);
+            cost.kept = t.mem.live - data;
+            t.mem.peak = 0;
+        }
+        t.mem.at = format!("backward: {name} and loss, source {src}");
+        let store = t.backward(parts[0]);
+        for p in parts {
+            t.drop_local(p); // drop((parts, estimate, params))
+        }
+        t.drop_local(estimate);
+        // to_vec1 of each of the piece's gradients into the flat buffer.
+        deliver(&mut t, head_piece(src as usize), blocks[last].largest_param);
+        // The trunk output's gradient, detached, added to the sum of the previous sources'.
+        if let Some(&gs) = store.get(&head_in) {
+            let gd = t.detach(gs);
+            let sum = match g {
+                None => gd,
+                Some(acc) => {
+                    let sum = t.binary(Bin::Add, acc, gd);
+                    t.release(acc);
+                    t.drop_local(gd);
+                    sum
+                }
+            };
+            g = Some(t.take(sum));
+        }
+        t.drop_store(store, None);
+        t.end(&[]);
     }
-    t.drop_local(estimate);
     let mut comm = 0;
-    let hook = |t: &mut Tape, i: usize, comm: &mut u64| {
-        t.mem.spike(blocks[i].largest_param * 4); // to_vec1 of a gradient into the flat buffer
+    let comm_after = |t: &mut Tape, i: usize, comm: &mut u64| {
         if let Some(&b) = buckets_after.get(i) {
             *comm += t.mem.alloc_comm(b);
         }
     };
-    hook(&mut t, last, &mut comm);
-    t.mem.spike(t.bytes(x)); // `unwrap_or(x.zeros_like()?)` is evaluated eagerly
-    let mut g = t.drop_store(store, Some(head_in));
+    comm_after(&mut t, last, &mut comm);
+    // drop(head_in): the copy of the trunk's output into the head's Var.
+    t.drop_local(head_in);
     for i in (0..last).rev() {
         t.mem.at = format!("backward: {}", blocks[i].name);
         let (input, y) = match kept.pop() {
@@ -781,6 +803,7 @@ pub(crate) fn micro_batch(
                 // Recompute: the same forward, now tracked; the popped input dies at the arm's
                 // end (its copy is the Var).
                 let input = (i > 0).then(|| t.leaf(t.elems(xi), s.es, true));
+                gather(&mut t, block_piece(i));
                 let y = forward_block(&mut t, s, &ctx, blocks[i].kind, input.unwrap_or(xi), true);
                 t.drop_local(xi);
                 (input, y)
@@ -798,11 +821,17 @@ pub(crate) fn micro_batch(
         t.drop_local(root);
         t.drop_local(sum);
         t.drop_local(prod);
-        hook(&mut t, i, &mut comm);
+        deliver(&mut t, block_piece(i), blocks[i].largest_param);
+        comm_after(&mut t, i, &mut comm);
         if let Some(v) = input {
-            t.mem.spike(t.bytes(v)); // `unwrap_or(v.zeros_like()?)`
-            let new_g = t.drop_store(store, Some(v));
+            // The input's gradient, detached (its chain of temporaries is freed with the store).
+            let kept = store.get(&v).copied();
+            let new_g = kept.map(|k| {
+                let d = t.detach(k);
+                t.take(d)
+            });
             t.release(gid);
+            t.drop_store(store, None);
             g = new_g;
             t.drop_local(v);
         } else {

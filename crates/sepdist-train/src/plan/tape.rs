@@ -41,15 +41,8 @@ pub(crate) const STORAGE_HEADER: u64 = 72;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Un {
     Sqr,
-    Sqrt,
-    Recip,
-    Tanh,
     Neg,
     Abs,
-    GeluErf,
-    /// Only built by backward rules (never differentiated here).
-    Exp,
-    Erf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,15 +50,43 @@ pub(crate) enum Bin {
     Add,
     Sub,
     Mul,
-    Div,
 }
 
-/// The spectral custom ops of `sepdist_model::ops::stft` (each one's backward is its adjoint).
+/// The fused custom ops of `sepdist_model::ops` (own CPU kernel and backward). Each records
+/// only its inputs; its backward computes the inputs' gradients into new tensors (untracked:
+/// the backward works on detached operands) before candle accumulates them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Spectral {
-    /// Bytes the CPU kernel of the adjoint allocates besides its output (frame buffer,
-    /// per-signal scratch), transient.
-    pub adjoint_scratch: u64,
+pub(crate) enum Fused {
+    /// `norm::rms_norm` / `rms_norm_groups` `(x, gamma)`: the backward kernel returns `dx ‖ dγ`
+    /// in one buffer.
+    RmsNorm,
+    /// `attn_proj::qkv_rope` `(hn, w)` → `[3, S, H, L, Dh]`: the backward unrotates the gradient
+    /// into `[rows, 3·I]`, then `dw = gᵀ·hn`, `dhn = g·w`.
+    QkvRope,
+    /// `attention::flash_attention_packed` `(qkv)`: the backward kernel's packed
+    /// `(dq, dk, dv)` is the gradient.
+    FlashPacked,
+    /// `attn_proj::out_proj_residual` `(fo, wo, x)`, `o` having `rows_inner` elements in rows:
+    /// the backward gathers `o` again for `dwo`, then `do = g·wo` scattered into `fo`'s layout;
+    /// `dx` is the incoming gradient itself.
+    OutProj { rows_inner: u64 },
+    /// `ffn::linear_bias` (`gelu == false`) / `gelu_linear_bias` `(x, w, b)`: `dw = gᵀ·act(x)`
+    /// (GELU recomputed, a temporary), `db = Σ g`, `dx = g·w` (times `gelu'(x)`, a new buffer).
+    Linear { gelu: bool },
+    /// `grouped_linear::grouped_linear` `(x, w, b)` (`tanh`: with the activation): the
+    /// backward computes `gz = g·(1 − y²)` into a new buffer (with tanh; else `gz` is `g`),
+    /// then `dw = xᵀ·gz`, `db = Σ gz`, `dx = gz·wᵀ`; `gz` dies when it returns.
+    GroupedLinear { tanh: bool },
+    /// `glu::glu_tanh` `(h)`: the backward kernel returns `dh`.
+    Glu,
+    /// `Stft::inverse_masked` `(mask, spec)`: the backward applies the iSTFT's adjoint to the
+    /// gradient (`dy`, of the mask's size; its kernel holds `adjoint_scratch` bytes meanwhile),
+    /// then returns `dspec = Σ_s dy·conj(mask)` and `dmask = dy·conj(spec)` (each only when
+    /// tracked); `dy` dies when the backward returns.
+    MaskedIstft { adjoint_scratch: u64 },
+    /// `stft_l1::multi_stft_l1` `(x)`: the backward kernel allocates `dx`, then holds
+    /// `scratch` bytes (a resolution's frame buffer and padded overlap-add) while it fills it.
+    MultiStftL1 { scratch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,9 +111,7 @@ pub(crate) enum Op {
     /// A comparison (u8 result): records only its left operand.
     Cmp(Id),
     WhereCond(Id, Id, Id),
-    Spectral(Spectral, Id),
-    /// FlashAttention forward: `(q, k, v)` → output ‖ log-sum-exp.
-    Flash(Id, Id, Id),
+    Fused(Fused, Vec<Id>),
 }
 
 impl Op {
@@ -107,11 +126,10 @@ impl Op {
             | Op::Reshape(a)
             | Op::Transpose(a)
             | Op::Narrow(a)
-            | Op::Cmp(a)
-            | Op::Spectral(_, a) => vec![*a],
+            | Op::Cmp(a) => vec![*a],
             Op::Binary(_, a, b) | Op::Matmul(a, b) => vec![*a, *b],
-            Op::Cat(v) => v.clone(),
-            Op::Flash(a, b, c) | Op::WhereCond(a, b, c) => vec![*a, *b, *c],
+            Op::Cat(v) | Op::Fused(_, v) => v.clone(),
+            Op::WhereCond(a, b, c) => vec![*a, *b, *c],
         }
     }
 }
@@ -133,12 +151,6 @@ pub(crate) struct Node {
     rc: u32,
     /// Heap bytes of the tensor's header.
     header: u64,
-}
-
-impl Node {
-    pub fn bytes(&self) -> u64 {
-        self.elems * self.es
-    }
 }
 
 /// Live heap bytes and their high-water mark, with a label for where the peak was reached.
@@ -206,10 +218,6 @@ impl Tape {
 
     pub fn elems(&self, id: Id) -> u64 {
         self.nodes[id].elems
-    }
-
-    pub fn bytes(&self, id: Id) -> u64 {
-        self.nodes[id].bytes()
     }
 
     // ----- ownership -----
@@ -500,20 +508,14 @@ impl Tape {
         self.alloc_op(e, Op::WhereCond(pred, t, f), es)
     }
 
-    /// A spectral custom op with an output of `out` elements; the forward kernel's `scratch`
-    /// bytes are allocated and freed around it.
-    pub fn spectral(&mut self, a: Id, out: u64, scratch: u64, op: Spectral) -> Id {
-        let es = self.nodes[a].es;
+    /// A fused op on `inputs` with an output of `out` elements; its CPU kernel holds
+    /// `scratch` bytes while it allocates the output (e.g. the matmul result it permutes).
+    pub fn fused(&mut self, op: Fused, inputs: &[Id], out: u64, scratch: u64) -> Id {
+        let es = self.nodes[inputs[0]].es;
         self.mem.alloc(scratch);
-        let id = self.alloc_op(out, Op::Spectral(op, a), es);
+        let id = self.alloc_op(out, Op::Fused(op, inputs.to_vec()), es);
         self.mem.free(scratch);
         id
-    }
-
-    /// FlashAttention forward on `[B, H, T, Dh]` inputs: output ‖ lse, `[B, H, T, Dh+1]`.
-    pub fn flash(&mut self, q: Id, k: Id, v: Id, dh: u64) -> Id {
-        let (e, es) = (self.nodes[q].elems, self.nodes[q].es);
-        self.alloc_op(e / dh * (dh + 1), Op::Flash(q, k, v), es)
     }
 
     // ----- backward -----
@@ -616,17 +618,6 @@ impl Tape {
                 let rg = self.binary(Bin::Mul, grad, l);
                 self.accumulate(store, r, rg);
             }
-            Op::Binary(Bin::Div, l, r) => {
-                let lg = self.binary(Bin::Div, grad, r);
-                self.accumulate(store, l, lg);
-                // grad.mul(lhs)?.div(&rhs.sqr()?)?
-                let m = self.binary(Bin::Mul, grad, l);
-                let sq = self.unary(Un::Sqr, r);
-                let rg = self.binary(Bin::Div, m, sq);
-                self.drop_local(m);
-                self.drop_local(sq);
-                self.accumulate(store, r, rg);
-            }
             Op::Matmul(l, r) => {
                 let rt = self.transpose(r, false);
                 let lg = self.matmul(grad, rt, self.elems(l));
@@ -669,29 +660,141 @@ impl Tape {
                 let g = self.affine(grad);
                 self.accumulate(store, a, g);
             }
-            Op::Unary(u, a) => self.unary_rule(store, node, grad, u, a),
-            Op::Spectral(s, a) => {
-                // SpecOp::bwd: the adjoint op applied to the (detached) gradient.
-                self.mem.spike(s.adjoint_scratch);
-                let e = self.elems(a);
-                let es = self.nodes[a].es;
-                let g = self.leaf(e, es, false);
-                self.accumulate(store, a, g);
-            }
-            Op::Flash(q, k, v) => {
-                // FlashAttnBwd packs (dq, dk, dv) in one untracked [3, B, H, T, Dh] tensor;
-                // its views are added into the three gradients.
-                let (e, es) = (self.elems(q), self.nodes[q].es);
-                let packed = self.leaf(3 * e, es, false);
-                for a in [q, k, v] {
-                    let part = self.narrow(packed, e, true);
-                    self.accumulate(store, a, part);
+            Op::Unary(u, a) => self.unary_rule(store, grad, u, a),
+            Op::Fused(f, args) => self.fused_rule(store, node, grad, f, &args),
+        }
+    }
+
+    /// The backward of a fused op: its `bwd` returns a gradient per tracked input (its
+    /// temporaries die when it returns), then candle accumulates them in argument order, each
+    /// returned tensor dropped after its accumulation.
+    fn fused_rule(&mut self, store: &mut Store, node: Id, grad: Id, f: Fused, args: &[Id]) {
+        let tracked = |t: &Self, i: usize| t.nodes[args[i]].tracked;
+        let es = self.nodes[node].es;
+        let mut grads: Vec<Option<Id>> = vec![None; args.len()];
+        match f {
+            Fused::RmsNorm => {
+                let (x, g) = (args[0], args[1]);
+                let packed = self.leaf(self.elems(x) + self.elems(g), es, false);
+                for (i, a) in [x, g].into_iter().enumerate() {
+                    if tracked(self, i) {
+                        let v = self.narrow(packed, self.elems(a), true);
+                        grads[i] = Some(self.reshape(v));
+                        self.drop_local(v);
+                    }
                 }
+                self.drop_local(packed);
+            }
+            Fused::QkvRope => {
+                let (hn, w) = (args[0], args[1]);
+                let gq = self.leaf(self.elems(node), es, false);
+                if tracked(self, 1) {
+                    grads[1] = Some(self.leaf(self.elems(w), es, false));
+                }
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(hn), es, false));
+                }
+                self.drop_local(gq);
+            }
+            Fused::FlashPacked => {
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(args[0]), es, false));
+                }
+            }
+            Fused::OutProj { rows_inner } => {
+                let (fo, wo) = (args[0], args[1]);
+                if tracked(self, 1) {
+                    let o = self.leaf(rows_inner, es, false);
+                    grads[1] = Some(self.leaf(self.elems(wo), es, false));
+                    self.drop_local(o);
+                }
+                if tracked(self, 0) {
+                    let d_o = self.leaf(rows_inner, es, false);
+                    grads[0] = Some(self.leaf(self.elems(fo), es, false));
+                    self.drop_local(d_o);
+                }
+                if tracked(self, 2) {
+                    grads[2] = Some(self.retain(grad));
+                }
+            }
+            Fused::Linear { gelu } => {
+                let (x, w, b) = (args[0], args[1], args[2]);
+                if tracked(self, 1) {
+                    let act = gelu.then(|| self.leaf(self.elems(x), es, false));
+                    grads[1] = Some(self.leaf(self.elems(w), es, false));
+                    if let Some(a) = act {
+                        self.drop_local(a);
+                    }
+                }
+                if tracked(self, 2) {
+                    // g.sum(0): a reduction and its squeezed view.
+                    let sum = self.leaf(self.elems(b), es, false);
+                    grads[2] = Some(self.squeeze(sum));
+                    self.drop_local(sum);
+                }
+                if tracked(self, 0) {
+                    let da = self.leaf(self.elems(x), es, false);
+                    grads[0] = Some(if gelu {
+                        self.leaf(self.elems(x), es, false)
+                    } else {
+                        self.reshape(da)
+                    });
+                    self.drop_local(da);
+                }
+            }
+            Fused::GroupedLinear { tanh } => {
+                let (x, w, b) = (args[0], args[1], args[2]);
+                let gz = tanh.then(|| self.leaf(self.elems(node), es, false));
+                if tracked(self, 1) {
+                    grads[1] = Some(self.leaf(self.elems(w), es, false));
+                }
+                if tracked(self, 2) {
+                    // gz.sum(1): a reduction and its squeezed view.
+                    let sum = self.leaf(self.elems(b), es, false);
+                    grads[2] = Some(self.squeeze(sum));
+                    self.drop_local(sum);
+                }
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(x), es, false));
+                }
+                if let Some(gz) = gz {
+                    self.drop_local(gz);
+                }
+            }
+            Fused::Glu => {
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(args[0]), es, false));
+                }
+            }
+            Fused::MaskedIstft { adjoint_scratch } => {
+                let (mask, spec) = (args[0], args[1]);
+                self.mem.alloc(adjoint_scratch);
+                let dy = self.leaf(self.elems(mask), es, false);
+                self.mem.free(adjoint_scratch);
+                if tracked(self, 1) {
+                    grads[1] = Some(self.leaf(self.elems(spec), es, false));
+                }
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(mask), es, false));
+                }
+                self.drop_local(dy);
+            }
+            Fused::MultiStftL1 { scratch } => {
+                if tracked(self, 0) {
+                    grads[0] = Some(self.leaf(self.elems(args[0]), es, false));
+                    self.mem.spike(scratch);
+                }
+            }
+        }
+        for (a, g) in args.iter().zip(grads) {
+            if let Some(g) = g {
+                self.accumulate(store, *a, g);
+                self.drop_local(g);
             }
         }
     }
 
-    fn unary_rule(&mut self, store: &mut Store, node: Id, grad: Id, u: Un, a: Id) {
+    fn unary_rule(&mut self, store: &mut Store, grad: Id, u: Un, a: Id) {
         match u {
             Un::Sqr => {
                 // arg.mul(&grad)?.affine(2., 0.)?
@@ -699,30 +802,6 @@ impl Tape {
                 let g = self.affine(m);
                 self.drop_local(m);
                 self.accumulate(store, a, g);
-            }
-            Un::Sqrt => {
-                // grad.div(node)?.affine(0.5, 0.)?
-                let d = self.binary(Bin::Div, grad, node);
-                let g = self.affine(d);
-                self.drop_local(d);
-                self.accumulate(store, a, g);
-            }
-            Un::Recip => {
-                self.or_insert(store, a);
-                let sq = self.unary(Un::Sqr, a);
-                let g = self.binary(Bin::Div, grad, sq);
-                self.drop_local(sq);
-                self.add_into(store, a, g);
-            }
-            Un::Tanh => {
-                self.or_insert(store, a);
-                // (node.sqr()? - 1.)?
-                let sq = self.unary(Un::Sqr, node);
-                let minus = self.affine(sq);
-                self.drop_local(sq);
-                let p = self.binary(Bin::Mul, grad, minus);
-                self.add_into(store, a, p);
-                self.drop_local(p);
             }
             Un::Neg => self.accumulate(store, a, grad),
             Un::Abs => {
@@ -740,38 +819,6 @@ impl Tape {
                 self.add_into(store, a, p);
                 self.drop_local(p);
             }
-            Un::GeluErf => {
-                self.or_insert(store, a);
-                // neg_half_square = (arg.sqr()?.neg()? / 2.)?
-                let s1 = self.unary(Un::Sqr, a);
-                let s2 = self.unary(Un::Neg, s1);
-                let nhs = self.affine(s2);
-                self.drop_local(s1);
-                self.drop_local(s2);
-                // scaled_exp_arg = (0.398942 * neg_half_square.exp()? * arg)?
-                let e1 = self.unary(Un::Exp, nhs);
-                let e2 = self.affine(e1);
-                let sea = self.binary(Bin::Mul, e2, a);
-                self.drop_local(e1);
-                self.drop_local(e2);
-                // arg_scaled_sqrt = (arg / 2f64.sqrt())?
-                let ass = self.affine(a);
-                // erf_scaled_sqrt = (0.5 * arg_scaled_sqrt.erf()?)?
-                let r1 = self.unary(Un::Erf, ass);
-                let ess = self.affine(r1);
-                self.drop_local(r1);
-                // gelu_erf_grad = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?: both moved in.
-                let g1 = self.affine(sea);
-                self.drop_local(sea);
-                let gg = self.binary(Bin::Add, g1, ess);
-                self.drop_local(g1);
-                self.drop_local(ess);
-                let p = self.binary(Bin::Mul, grad, gg);
-                self.drop_local(gg);
-                self.add_into(store, a, p);
-                self.drop_local(p);
-            }
-            Un::Exp | Un::Erf => {}
         }
     }
 
@@ -828,10 +875,33 @@ mod tests {
         t.begin();
         let x = t.leaf(100, 4, false);
         let y = t.unary(Un::Neg, x);
-        let z = t.unary(Un::Tanh, y);
+        let z = t.unary(Un::Sqr, y);
         t.end(&[z]);
         assert_eq!(t.mem.live, t32(100));
         assert_eq!(t.mem.peak, 3 * t32(100));
+    }
+
+    #[test]
+    fn plan_tape_a_fused_op_keeps_its_inputs_and_leaves_plain_gradients() {
+        // y = rms_norm(x, γ), loss = Σy: the graph keeps x and y; the backward kernel's packed
+        // (dx, dγ) is a temporary, and the store ends with two plain sums (no chains).
+        let mut t = Tape::new();
+        t.begin();
+        let x = t.leaf(1000, 4, true);
+        let gamma = t.external(10, 4, true);
+        let y = t.fused(Fused::RmsNorm, &[x, gamma], 1000, 0);
+        let s = t.sum(y, 1);
+        t.end(&[s]);
+        assert_eq!(t.mem.live, 2 * t32(1000) + t32(1));
+        let before = t.mem.live;
+        let store = t.backward(s);
+        assert_eq!(t.mem.live - before, t32(1000) + t32(10));
+        assert!(
+            t.mem.peak >= before + t32(1010),
+            "the packed gradient was allocated"
+        );
+        t.drop_store(store, None);
+        assert_eq!(t.mem.live, before);
     }
 
     #[test]

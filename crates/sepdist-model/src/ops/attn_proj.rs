@@ -1,0 +1,525 @@
+//! The projections around attention as fused ops: QKV projection with RoPE, and output
+//! projection with the residual add. Both read and write the transformer's activation in its
+//! own row order, so the time transformer needs no transposed copies of its input or output.
+//!
+//! Composed from candle ops ([`qkv_rope_composed`], [`out_proj_residual_composed`]), these
+//! keep the `[rows, 3·I]` projection, three head-major copies, four tensors per RoPE and a
+//! head-major copy of the attention output for the backward. The fused ops keep their inputs
+//! and output only; their backwards are one matmul pair each plus a layout kernel.
+
+use candle_core::Tensor;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Error, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::cpu::{Real, contiguous_offset, map_tensor, matmul_cpu, unsupported_dtype};
+use super::rope::Rope;
+
+/// How the rows of an activation `[rows, D]` form attention sequences: rows are ordered
+/// `(a, l, c)` (`a < outer`, `l < len`, `c < inner`), and sequence `s = a·inner + c` holds rows
+/// `l = 0..len` at positions `l`. The time transformer on `[B, T, K, D]` is
+/// `(B, T, K)`; the band transformer is `(B·T, K, 1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqLayout {
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+}
+
+impl SeqLayout {
+    pub fn rows(&self) -> usize {
+        self.outer * self.len * self.inner
+    }
+
+    /// Number of sequences (the attention batch).
+    pub fn sequences(&self) -> usize {
+        self.outer * self.inner
+    }
+
+    /// Row of position `l` of sequence `s`.
+    #[inline]
+    fn row(&self, s: usize, l: usize) -> usize {
+        let (a, c) = (s / self.inner, s % self.inner);
+        (a * self.len + l) * self.inner + c
+    }
+}
+
+/// Shapes shared by both ops.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    seq: SeqLayout,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Heads {
+    fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+fn check_rows(what: &str, x: &Tensor, seq: SeqLayout, d: usize) -> Result<()> {
+    let last = x.dims().last().copied().unwrap_or(0);
+    if last != d || x.elem_count() != seq.rows() * d || seq.rows() == 0 {
+        return Err(Error::Msg(format!(
+            "{what}: input {:?} does not hold {:?} rows of width {d}",
+            x.dims(),
+            seq
+        )));
+    }
+    Ok(())
+}
+
+/// `hn · wᵀ` split into q, k, v (output features ordered (q|k|v, head, dh)), RoPE applied to
+/// q and k at each row's position in its sequence: `hn` `[.., D]` with `seq.rows()` rows,
+/// `w` `[3·H·Dh, D]`; returns `[3, S, H, L, Dh]` (S = `seq.sequences()`, L = `seq.len`).
+/// Differentiable in `hn` and `w`.
+pub fn qkv_rope(
+    hn: &Tensor,
+    w: &Tensor,
+    rope: &Rope,
+    seq: SeqLayout,
+    heads: usize,
+) -> Result<Tensor> {
+    let dh = rope.head_dim();
+    let d = w.dim(1)?;
+    if w.dims() != [3 * heads * dh, d] {
+        return Err(Error::Msg(format!(
+            "qkv_rope: weight {:?}, expected [{}, D] for {heads} heads of {dh}",
+            w.dims(),
+            3 * heads * dh
+        )));
+    }
+    check_rows("qkv_rope", hn, seq, d)?;
+    if seq.len > rope.max_len() {
+        return Err(Error::Msg(format!(
+            "qkv_rope: sequence length {} exceeds the RoPE tables' {}",
+            seq.len,
+            rope.max_len()
+        )));
+    }
+    if !matches!(hn.device(), Device::Cpu) || hn.dtype() != w.dtype() {
+        return qkv_rope_composed(hn, w, rope, seq, heads);
+    }
+    let (cos, sin) = rope.tables();
+    let op = QkvRope {
+        shape: Heads {
+            seq,
+            heads,
+            head_dim: dh,
+        },
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    };
+    hn.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// [`qkv_rope`] composed from candle ops (matmul, permute, [`Rope::apply`], stack).
+pub fn qkv_rope_composed(
+    hn: &Tensor,
+    w: &Tensor,
+    rope: &Rope,
+    seq: SeqLayout,
+    heads: usize,
+) -> Result<Tensor> {
+    let dh = rope.head_dim();
+    let d = w.dim(1)?;
+    let qkv = hn
+        .reshape((seq.rows(), d))?
+        .matmul(&w.t()?)?
+        .reshape((seq.outer, seq.len, seq.inner, 3, heads, dh))?
+        .permute((3, 0, 2, 4, 1, 5))?
+        .contiguous()?
+        .reshape((3, seq.sequences(), heads, seq.len, dh))?;
+    let q = rope.apply(&qkv.get(0)?)?;
+    let k = rope.apply(&qkv.get(1)?)?;
+    Tensor::stack(&[q, k, qkv.get(2)?], 0)
+}
+
+/// `x + o · woᵀ` where `o` is the attention output in head-major layout `fo` `[S, H, L, E]`
+/// (its first `Dh` of `E` columns: `E = Dh + 1` for the output ‖ lse of
+/// [`super::attention::flash_attention_packed`], `E = Dh` for a plain output) put back in the
+/// rows of `x` (`[.., D]`, `seq.rows()` rows); `wo` `[D, H·Dh]`. Returns the shape of `x`.
+/// Differentiable in all three (the gradient of `fo`'s extra column is zero).
+pub fn out_proj_residual(
+    fo: &Tensor,
+    wo: &Tensor,
+    x: &Tensor,
+    seq: SeqLayout,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (s, heads, len, e) = fo.dims4()?;
+    let d = wo.dim(0)?;
+    if s != seq.sequences() || len != seq.len || e < head_dim || wo.dims() != [d, heads * head_dim]
+    {
+        return Err(Error::Msg(format!(
+            "out_proj_residual: attention output {:?} and weight {:?} do not match {:?} with \
+             head dim {head_dim}",
+            fo.dims(),
+            wo.dims(),
+            seq
+        )));
+    }
+    check_rows("out_proj_residual", x, seq, d)?;
+    if !matches!(x.device(), Device::Cpu) || fo.dtype() != x.dtype() || wo.dtype() != x.dtype() {
+        return out_proj_residual_composed(fo, wo, x, seq, head_dim);
+    }
+    let op = OutProj {
+        shape: Heads {
+            seq,
+            heads,
+            head_dim,
+        },
+        width: e,
+        d,
+    };
+    fo.contiguous()?
+        .apply_op3(&wo.contiguous()?, &x.contiguous()?, op)
+}
+
+/// [`out_proj_residual`] composed from candle ops (narrow, permute, copy, matmul, add).
+pub fn out_proj_residual_composed(
+    fo: &Tensor,
+    wo: &Tensor,
+    x: &Tensor,
+    seq: SeqLayout,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (_, heads, _, _) = fo.dims4()?;
+    let o = fo
+        .narrow(3, 0, head_dim)?
+        .reshape((seq.outer, seq.inner, heads, seq.len, head_dim))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?
+        .reshape((seq.rows(), heads * head_dim))?;
+    x + o.matmul(&wo.t()?)?.reshape(x.shape())?
+}
+
+/// Forward op of [`qkv_rope`]: `(hn, w)` → `[3, S, H, L, Dh]`.
+struct QkvRope {
+    shape: Heads,
+    /// RoPE tables `[max_len, Dh]` (each pair's value twice).
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl QkvRope {
+    fn pack<T: Real>(&self, qkv: &[T]) -> Result<Vec<T>> {
+        let name = "qkv-rope";
+        super::cpu::with_slice::<T, _>(&self.cos, name, |cos| {
+            super::cpu::with_slice::<T, _>(&self.sin, name, |sin| {
+                Ok(rope_pack(qkv, cos, sin, self.shape, false))
+            })
+        })
+    }
+}
+
+impl CustomOp2 for QkvRope {
+    fn name(&self) -> &'static str {
+        "qkv-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let Heads {
+            seq,
+            heads,
+            head_dim,
+        } = self.shape;
+        let i = self.shape.inner();
+        let d = l2.dims()[1];
+        // The `[rows, 3·I]` projection is a temporary of the kernel.
+        let qkv = matmul_cpu(
+            s1,
+            contiguous_offset(l1, name)?,
+            s2,
+            contiguous_offset(l2, name)?,
+            true,
+            seq.rows(),
+            3 * i,
+            d,
+        )?;
+        let out = match &qkv {
+            CpuStorage::F32(v) => CpuStorage::F32(self.pack(v)?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.pack(v)?),
+            s => return Err(unsupported_dtype(name, s.dtype())),
+        };
+        Ok((
+            out,
+            Shape::from((3, seq.sequences(), heads, seq.len, head_dim)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        hn: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let name = "qkv-rope-bwd";
+        let i = self.shape.inner();
+        let rows = self.shape.seq.rows();
+        let d = w.dim(1)?;
+        let grad = grad.contiguous()?;
+        // The gradient of the projection, `[rows, 3·I]`: inverse rotation, rows order.
+        let unpack = |cos: &Tensor, sin: &Tensor| {
+            map_tensor(
+                &grad,
+                (rows, 3 * i),
+                name,
+                |g| {
+                    super::cpu::with_slice::<f32, _>(cos, name, |c| {
+                        super::cpu::with_slice::<f32, _>(sin, name, |s| {
+                            Ok(rope_pack(g, c, s, self.shape, true))
+                        })
+                    })
+                },
+                |g| {
+                    super::cpu::with_slice::<f64, _>(cos, name, |c| {
+                        super::cpu::with_slice::<f64, _>(sin, name, |s| {
+                            Ok(rope_pack(g, c, s, self.shape, true))
+                        })
+                    })
+                },
+            )
+        };
+        let gq = unpack(&self.cos, &self.sin)?;
+        let hn2 = hn.detach().reshape((rows, d))?;
+        let dw = w.track_op().then(|| gq.t()?.matmul(&hn2)).transpose()?;
+        let dhn = hn
+            .track_op()
+            .then(|| gq.matmul(&w.detach())?.reshape(hn.shape()))
+            .transpose()?;
+        Ok((dhn, dw))
+    }
+}
+
+/// Forward (`inverse == false`): the projection `[rows, 3·I]` → `[3, S, H, L, Dh]`, q and k
+/// rotated. Backward (`inverse == true`): the gradient `[3, S, H, L, Dh]` → `[rows, 3·I]`
+/// through the transposed rotation.
+fn rope_pack<T: Real>(src: &[T], cos: &[T], sin: &[T], shape: Heads, inverse: bool) -> Vec<T> {
+    let Heads {
+        seq,
+        heads,
+        head_dim: dh,
+    } = shape;
+    let i = heads * dh;
+    let n = seq.sequences();
+    let mut out = vec![T::zero(); src.len()];
+    // Rotates the pair (x0, x1) by the angle of `(c, s)`, or by its opposite.
+    let rotate = |x: &[T], c: &[T], s: &[T], y: &mut [T]| {
+        for p in 0..dh / 2 {
+            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
+            let (c0, c1, s0, s1) = (c[2 * p], c[2 * p + 1], s[2 * p], s[2 * p + 1]);
+            if inverse {
+                y[2 * p] = x0 * c0 + x1 * s1;
+                y[2 * p + 1] = x1 * c1 - x0 * s0;
+            } else {
+                y[2 * p] = x0 * c0 - x1 * s0;
+                y[2 * p + 1] = x1 * c1 + x0 * s1;
+            }
+        }
+    };
+    if !inverse {
+        // One (part, sequence, head) block of `[L, Dh]` per work item.
+        out.par_chunks_mut(seq.len * dh)
+            .enumerate()
+            .for_each(|(idx, dst)| {
+                let head = idx % heads;
+                let s = (idx / heads) % n;
+                let part = idx / (heads * n);
+                for l in 0..seq.len {
+                    let at = seq.row(s, l) * 3 * i + part * i + head * dh;
+                    let x = &src[at..at + dh];
+                    let y = &mut dst[l * dh..(l + 1) * dh];
+                    if part == 2 {
+                        y.copy_from_slice(x);
+                    } else {
+                        let t = &cos[l * dh..(l + 1) * dh];
+                        rotate(x, t, &sin[l * dh..(l + 1) * dh], y);
+                    }
+                }
+            });
+    } else {
+        // One row of `[3·I]` per work item.
+        let (len, inner) = (seq.len, seq.inner);
+        out.par_chunks_mut(3 * i)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let c = row % inner;
+                let l = (row / inner) % len;
+                let s = (row / (inner * len)) * inner + c;
+                for part in 0..3 {
+                    for head in 0..heads {
+                        let at = (((part * n + s) * heads + head) * len + l) * dh;
+                        let g = &src[at..at + dh];
+                        let y = &mut dst[part * i + head * dh..part * i + (head + 1) * dh];
+                        if part == 2 {
+                            y.copy_from_slice(g);
+                        } else {
+                            let t = &cos[l * dh..(l + 1) * dh];
+                            rotate(g, t, &sin[l * dh..(l + 1) * dh], y);
+                        }
+                    }
+                }
+            });
+    }
+    out
+}
+
+/// Forward op of [`out_proj_residual`]: `(fo, wo, x)` → `x + o·woᵀ`.
+struct OutProj {
+    shape: Heads,
+    /// Columns of `fo` per (sequence, head, position): `Dh` or `Dh + 1`.
+    width: usize,
+    d: usize,
+}
+
+impl OutProj {
+    /// The attention output gathered into rows: `[rows, H·Dh]`.
+    fn gather<T: Real>(&self, fo: &[T]) -> Vec<T> {
+        let Heads {
+            seq,
+            heads,
+            head_dim: dh,
+        } = self.shape;
+        let (e, len, inner) = (self.width, seq.len, seq.inner);
+        let mut o = vec![T::zero(); seq.rows() * heads * dh];
+        o.par_chunks_mut(heads * dh)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let c = row % inner;
+                let l = (row / inner) % len;
+                let s = (row / (inner * len)) * inner + c;
+                for head in 0..heads {
+                    let at = ((s * heads + head) * len + l) * e;
+                    dst[head * dh..(head + 1) * dh].copy_from_slice(&fo[at..at + dh]);
+                }
+            });
+        o
+    }
+
+    /// Rows `[rows, H·Dh]` scattered into the layout of `fo` (extra column zero).
+    fn scatter<T: Real>(&self, o: &[T]) -> Vec<T> {
+        let Heads {
+            seq,
+            heads,
+            head_dim: dh,
+        } = self.shape;
+        let (e, i) = (self.width, heads * dh);
+        let mut fo = vec![T::zero(); seq.sequences() * heads * seq.len * e];
+        fo.par_chunks_mut(seq.len * e)
+            .enumerate()
+            .for_each(|(idx, dst)| {
+                let (s, head) = (idx / heads, idx % heads);
+                for l in 0..seq.len {
+                    let at = seq.row(s, l) * i + head * dh;
+                    dst[l * e..l * e + dh].copy_from_slice(&o[at..at + dh]);
+                }
+            });
+        fo
+    }
+
+    fn forward<T: Real>(
+        &self,
+        fo: &[T],
+        wo: &CpuStorage,
+        wo_offset: usize,
+        x: &[T],
+    ) -> Result<Vec<T>> {
+        let rows = self.shape.seq.rows();
+        let i = self.shape.inner();
+        let o = T::to_cpu_storage_owned(self.gather(fo));
+        let proj = matmul_cpu(&o, 0, wo, wo_offset, true, rows, self.d, i)?;
+        drop(o);
+        let mut y = T::cpu_storage_data(proj)?;
+        y.par_iter_mut().zip(x.par_iter()).for_each(|(a, &b)| {
+            *a = b + *a;
+        });
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for OutProj {
+    fn name(&self) -> &'static str {
+        "out-proj-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use super::cpu::contiguous_slice;
+        let name = self.name();
+        let off = contiguous_offset(l2, name)?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward::<f32>(
+                contiguous_slice(s1, l1, name)?,
+                s2,
+                off,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            DType::F64 => CpuStorage::F64(self.forward::<f64>(
+                contiguous_slice(s1, l1, name)?,
+                s2,
+                off,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            dt => return Err(unsupported_dtype(name, dt)),
+        };
+        Ok((out, l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        fo: &Tensor,
+        wo: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = "out-proj-residual-bwd";
+        let rows = self.shape.seq.rows();
+        let i = self.shape.inner();
+        let g2 = grad.contiguous()?.reshape((rows, self.d))?;
+        // dwo = gᵀ·o, with o gathered again (a temporary).
+        let dwo = if wo.track_op() {
+            let o = map_tensor(
+                fo,
+                (rows, i),
+                name,
+                |f| Ok(self.gather(f)),
+                |f| Ok(self.gather(f)),
+            )?;
+            Some(g2.t()?.matmul(&o)?)
+        } else {
+            None
+        };
+        let dfo = if fo.track_op() {
+            let d_o = g2.matmul(&wo.detach())?;
+            Some(map_tensor(
+                &d_o,
+                fo.shape(),
+                name,
+                |g| Ok(self.scatter(g)),
+                |g| Ok(self.scatter(g)),
+            )?)
+        } else {
+            None
+        };
+        let dx = x.track_op().then(|| grad.clone());
+        Ok((dfo, dwo, dx))
+    }
+}

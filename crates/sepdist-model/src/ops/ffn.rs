@@ -1,0 +1,252 @@
+//! The feed-forward's linear layers as fused ops: `x·wᵀ + b`, and `gelu(h)·wᵀ + b` (GELU with
+//! erf, recomputed in the backward instead of kept).
+//!
+//! Composed from candle ops, `gelu(x·w1ᵀ + b1)·w2ᵀ + b2` keeps the `[rows, hidden]` matmul
+//! output, its sum with the bias and its GELU (three hidden-sized tensors), and the output
+//! projection before its bias. Fused, the graph keeps the pre-activation `h` and the output.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::{GeluErf, UnaryOpT};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{Real, contiguous_offset, contiguous_slice, map_tensor, matmul_cpu};
+use super::cpu::{unsupported_dtype, with_slice};
+
+/// `x · wᵀ + b`: `x` `[.., Din]`, `w` `[Dout, Din]` (PyTorch's out × in), `b` `[Dout]`;
+/// returns `[.., Dout]`. Differentiable in all three.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fused(x, w, b, false)
+}
+
+/// `gelu_erf(h) · wᵀ + b` (shapes as [`linear_bias`]). Differentiable in all three; the
+/// backward recomputes `gelu(h)` from `h`.
+pub fn gelu_linear_bias(h: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fused(h, w, b, true)
+}
+
+/// [`linear_bias`] composed from candle ops.
+pub fn linear_bias_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (rows, din, dout) = dims(x, w, b)?;
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = dout;
+    }
+    x.reshape((rows, din))?
+        .matmul(&w.t()?)?
+        .broadcast_add(b)?
+        .reshape(shape)
+}
+
+/// [`gelu_linear_bias`] composed from candle ops.
+pub fn gelu_linear_bias_composed(h: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    linear_bias_composed(&h.gelu_erf()?, w, b)
+}
+
+fn dims(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
+    let (dout, din) = w.dims2()?;
+    if x.dims().last() != Some(&din) || b.dims() != [dout] || x.elem_count() == 0 {
+        return Err(Error::Msg(format!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit (weight is [out, in])",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )));
+    }
+    Ok((x.elem_count() / din, din, dout))
+}
+
+fn fused(x: &Tensor, w: &Tensor, b: &Tensor, gelu: bool) -> Result<Tensor> {
+    let (rows, din, dout) = dims(x, w, b)?;
+    let same_dtype = w.dtype() == x.dtype() && b.dtype() == x.dtype();
+    if !matches!(x.device(), Device::Cpu) || !same_dtype {
+        return if gelu {
+            gelu_linear_bias_composed(x, w, b)
+        } else {
+            linear_bias_composed(x, w, b)
+        };
+    }
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = dout;
+    }
+    let op = Linear {
+        rows,
+        din,
+        dout,
+        gelu,
+        shape: Shape::from(shape),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `(x, w, b)` → `act(x)·wᵀ + b`, `act` the identity or GELU(erf).
+struct Linear {
+    rows: usize,
+    din: usize,
+    dout: usize,
+    gelu: bool,
+    /// Output shape: `x`'s with the last dim `dout`.
+    shape: Shape,
+}
+
+/// `gelu_erf` as candle computes it (the same function, so fused and composed agree).
+trait Gelu: Real {
+    fn gelu(self) -> Self;
+    /// `d/dx gelu_erf(x)` by candle's backward formula, `0.5 + 0.398942·x·exp(−x²/2) +
+    /// 0.5·erf(x/√2)` with its constant, so that the gradients stay the composition's.
+    fn gelu_grad(self) -> Self;
+}
+
+impl Gelu for f32 {
+    fn gelu(self) -> f32 {
+        GeluErf::f32(self)
+    }
+    fn gelu_grad(self) -> f32 {
+        let erf = candle_core::cpu::erf::erf_f32(self * std::f32::consts::FRAC_1_SQRT_2);
+        0.5 + 0.398942 * (-self * self / 2.0).exp() * self + 0.5 * erf
+    }
+}
+
+impl Gelu for f64 {
+    fn gelu(self) -> f64 {
+        GeluErf::f64(self)
+    }
+    fn gelu_grad(self) -> f64 {
+        let erf = candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2);
+        0.5 + 0.398942 * (-self * self / 2.0).exp() * self + 0.5 * erf
+    }
+}
+
+fn gelu_all<T: Gelu>(x: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(o, &v)| *o = v.gelu());
+    out
+}
+
+impl Linear {
+    fn forward<T: Gelu>(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &[T],
+    ) -> Result<Vec<T>> {
+        let name = "linear";
+        let w_off = contiguous_offset(wl, name)?;
+        let y = if self.gelu {
+            // The activation is a temporary of the kernel.
+            let a = T::to_cpu_storage_owned(gelu_all(contiguous_slice::<T>(x, xl, name)?));
+            matmul_cpu(&a, 0, w, w_off, true, self.rows, self.dout, self.din)?
+        } else {
+            let x_off = contiguous_offset(xl, name)?;
+            matmul_cpu(x, x_off, w, w_off, true, self.rows, self.dout, self.din)?
+        };
+        let mut y = T::cpu_storage_data(y)?;
+        y.par_chunks_mut(self.dout).for_each(|row| {
+            for (a, &c) in row.iter_mut().zip(b) {
+                *a += c;
+            }
+        });
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        if self.gelu { "gelu-linear" } else { "linear" }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward::<f32>(
+                s1,
+                l1,
+                s2,
+                l2,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            DType::F64 => CpuStorage::F64(self.forward::<f64>(
+                s1,
+                l1,
+                s2,
+                l2,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            dt => return Err(unsupported_dtype(name, dt)),
+        };
+        Ok((out, self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = if self.gelu {
+            "gelu-linear-bwd"
+        } else {
+            "linear-bwd"
+        };
+        let g = grad.contiguous()?.reshape((self.rows, self.dout))?;
+        let x2 = x.detach().reshape((self.rows, self.din))?;
+        // dw = gᵀ · act(x); the activation is recomputed, a temporary.
+        let dw = if w.track_op() {
+            Some(if self.gelu {
+                let a = map_tensor(
+                    &x2,
+                    (self.rows, self.din),
+                    name,
+                    |v| Ok(gelu_all(v)),
+                    |v| Ok(gelu_all(v)),
+                )?;
+                g.t()?.matmul(&a)?
+            } else {
+                g.t()?.matmul(&x2)?
+            })
+        } else {
+            None
+        };
+        let db = b.track_op().then(|| g.sum(0)).transpose()?;
+        let dx = if x.track_op() {
+            let da = g.matmul(&w.detach())?;
+            Some(if self.gelu {
+                // dh = da ∘ gelu'(h), into a new buffer (the product's own).
+                let prod =
+                    |d: &[f32]| with_slice::<f32, _>(&x2, name, |h| Ok(times_gelu_grad(d, h)));
+                let prod64 =
+                    |d: &[f64]| with_slice::<f64, _>(&x2, name, |h| Ok(times_gelu_grad(d, h)));
+                map_tensor(&da, x.shape(), name, prod, prod64)?
+            } else {
+                da.reshape(x.shape())?
+            })
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+fn times_gelu_grad<T: Gelu>(d: &[T], h: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); d.len()];
+    out.par_iter_mut()
+        .zip(d.par_iter().zip(h.par_iter()))
+        .for_each(|(o, (&g, &v))| *o = g * v.gelu_grad());
+    out
+}

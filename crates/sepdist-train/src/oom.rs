@@ -1,0 +1,615 @@
+//! Out of memory as a decision instead of a crash.
+//!
+//! - **Pre-flight** ([`preflight`]): before the model is allocated, every rank compares the
+//!   planner's predicted peak with what it may use ([`available`]: `training.memory_budget`
+//!   when set, else the device's free memory less `training.memory_reserve`). The ranks
+//!   exchange their figures; if any rank is short, all refuse to start (rank 0 prints the
+//!   predicted breakdown, the available memory and the fitted setting as `--set` overrides),
+//!   unless `--force` is given or `training.on_oom: refit` starts them with the fitted setting.
+//! - **At run time** (the trainer's step): the memory meter measures the heap of each step
+//!   against `training.memory_budget` ([`crate::memory::Window`]); a step over it on any rank
+//!   is discarded on every rank (one flag in the step's scalar all-reduce), and the trainer
+//!   stops or refits ([`fitted_after_failure`]).
+//!
+//! Free memory comes from a [`DeviceMemory`]: [`CpuMemory`] on CPUs (`MemAvailable`, or the
+//! headroom of the process's memory cgroups if smaller). A CUDA device would report
+//! `cuMemGetInfo`'s free bytes through the same trait, and its out-of-memory errors would set
+//! the same per-step flag; neither exists until the trainer runs on CUDA.
+
+use crate::plan::text::{breakdown, describe_fit, set_args};
+use crate::plan::{DeviceKind, DeviceSpec, Fit, PlanError, Planner, Prediction, Setting};
+use crate::plan::{cpu_threads, format_bytes};
+use crate::trainer::TrainError;
+use sepdist_comm::Communicator;
+use sepdist_config::{Config, OnOom, TrainingConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Component, Path, PathBuf};
+
+/// Free memory as measured on a device, and where the figure comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measured {
+    pub bytes: u64,
+    /// E.g. `MemAvailable` or `cgroup /sys/fs/cgroup/memory.max 8.0 GB − usage 2.1 GB`.
+    pub source: String,
+    /// The memory the figure describes: ranks reporting the same pool share its bytes (CPU
+    /// ranks on one node; a GPU is one rank's own).
+    pub pool: String,
+}
+
+/// A device that can say how much memory this process can still allocate on it.
+pub trait DeviceMemory {
+    /// `None` when the device cannot tell (no `/proc`): nothing is checked then.
+    fn free(&self) -> Option<Measured>;
+}
+
+/// Host memory: `MemAvailable` of `/proc/meminfo`, or the headroom (limit − usage) of the
+/// tightest memory cgroup containing this process (v2 `memory.max` − `memory.current`, v1
+/// `memory.limit_in_bytes` − `memory.usage_in_bytes`, every level up to the root), whichever
+/// is smaller.
+#[derive(Debug, Clone)]
+pub struct CpuMemory {
+    meminfo: PathBuf,
+    proc_cgroup: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+impl CpuMemory {
+    /// This machine's `/proc/meminfo`, `/proc/self/cgroup` and `/sys/fs/cgroup`.
+    pub fn system() -> Self {
+        Self::at("/proc/meminfo", "/proc/self/cgroup", "/sys/fs/cgroup")
+    }
+
+    /// The same files elsewhere (tests).
+    pub fn at(
+        meminfo: impl Into<PathBuf>,
+        proc_cgroup: impl Into<PathBuf>,
+        cgroup_root: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            meminfo: meminfo.into(),
+            proc_cgroup: proc_cgroup.into(),
+            cgroup_root: cgroup_root.into(),
+        }
+    }
+}
+
+impl DeviceMemory for CpuMemory {
+    fn free(&self) -> Option<Measured> {
+        let available = std::fs::read_to_string(&self.meminfo)
+            .ok()
+            .and_then(|text| crate::plan::mem_available_in(&text))
+            .map(|bytes| Measured {
+                bytes,
+                source: "MemAvailable".into(),
+                pool: "MemAvailable".into(),
+            });
+        let cgroup = std::fs::read_to_string(&self.proc_cgroup)
+            .ok()
+            .and_then(|text| cgroup_headroom(&text, &self.cgroup_root));
+        let mut m = match (available, cgroup) {
+            (Some(a), Some(c)) => Some(if c.bytes < a.bytes { c } else { a }),
+            (a, c) => a.or(c),
+        }?;
+        // Every rank on this node (in this cgroup) draws from the same memory.
+        m.pool = format!("{} {}", hostname(), m.pool);
+        Some(m)
+    }
+}
+
+/// This machine's name (`/proc/sys/kernel/hostname`, else `HOSTNAME`).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map_or_else(|| "localhost".into(), |h| h.trim().to_string())
+}
+
+/// Limits at or above this are "no limit" (cgroup v1 writes one as 2^63 rounded to pages).
+const NO_LIMIT: u64 = 1 << 60;
+
+/// The smallest `limit − usage` over the memory cgroups named in `proc_self_cgroup` (the text
+/// of `/proc/self/cgroup`) and their ancestors under `root`; `None` when none has a limit.
+/// In a cgroup namespace the named path may not exist under the mount: the levels that do
+/// exist (at least the mount's root, which is the namespace's own cgroup) are read.
+pub fn cgroup_headroom(proc_self_cgroup: &str, root: &Path) -> Option<Measured> {
+    let mut best: Option<Measured> = None;
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (base, limit_file, usage_file) = if id == "0" && controllers.is_empty() {
+            // v2; in hybrid mode its hierarchy is mounted at `unified`.
+            let base = if root.join("cgroup.controllers").is_file() {
+                root.to_path_buf()
+            } else {
+                root.join("unified")
+            };
+            (base, "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (
+                root.join("memory"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        let mut dir = base.clone();
+        let mut levels = vec![base];
+        for c in Path::new(path).components() {
+            if let Component::Normal(name) = c {
+                dir.push(name);
+                levels.push(dir.clone());
+            }
+        }
+        for level in levels {
+            let read = |file: &str| -> Option<u64> {
+                std::fs::read_to_string(level.join(file))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            // `max` (v2) does not parse: no limit at this level.
+            let Some(limit) = read(limit_file).filter(|&l| l < NO_LIMIT) else {
+                continue;
+            };
+            let usage = read(usage_file).unwrap_or(0);
+            let headroom = limit.saturating_sub(usage);
+            if best.as_ref().is_none_or(|b| headroom < b.bytes) {
+                best = Some(Measured {
+                    bytes: headroom,
+                    pool: level.join(limit_file).display().to_string(),
+                    source: format!(
+                        "cgroup {} {} − usage {}",
+                        level.join(limit_file).display(),
+                        format_bytes(limit),
+                        format_bytes(usage)
+                    ),
+                });
+            }
+        }
+    }
+    best
+}
+
+/// What a rank may use, per the config and the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Available {
+    pub bytes: u64,
+    /// `training.memory_budget 30MB`, or `MemAvailable 24.6 GB − training.memory_reserve 1GB`.
+    pub source: String,
+    /// Set when an explicit budget is more than the device has free now.
+    pub warning: Option<String>,
+}
+
+/// `training.memory_budget` when set (the reserve is not taken off it), else this rank's share
+/// of the device's free memory `measured` (shared by `sharing` ranks) less
+/// `training.memory_reserve`; `None` when neither is known.
+pub fn available(
+    t: &TrainingConfig,
+    measured: Option<Measured>,
+    sharing: usize,
+) -> Option<Available> {
+    let sharing = sharing.max(1);
+    let measured = measured.map(|m| {
+        if sharing > 1 {
+            Measured {
+                bytes: m.bytes / sharing as u64,
+                source: format!(
+                    "{} {} shared by {sharing} ranks:",
+                    m.source,
+                    format_bytes(m.bytes)
+                ),
+                ..m
+            }
+        } else {
+            m
+        }
+    });
+    if let Some(budget) = t.memory_budget {
+        let warning = measured.filter(|m| m.bytes < budget.0).map(|m| {
+            format!(
+                "training.memory_budget {budget} is more than the {} free now ({}): a step \
+                 may be killed by the system before the budget check sees it",
+                format_bytes(m.bytes),
+                m.source.trim_end_matches(':')
+            )
+        });
+        return Some(Available {
+            bytes: budget.0,
+            source: format!("training.memory_budget {budget}"),
+            warning,
+        });
+    }
+    let m = measured?;
+    Some(Available {
+        bytes: m.bytes.saturating_sub(t.memory_reserve.0),
+        source: format!(
+            "{} {} − training.memory_reserve {}",
+            m.source,
+            format_bytes(m.bytes),
+            t.memory_reserve
+        ),
+        warning: None,
+    })
+}
+
+/// The heap budget the trainer checks at every step boundary: `training.memory_budget` (on a
+/// CPU the counting allocator measures the heap; without a budget nothing is checked at run
+/// time, since the system's own limit cannot be caught before it kills the process).
+pub fn runtime_budget(cfg: &Config) -> Option<usize> {
+    cfg.training
+        .memory_budget
+        .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX))
+}
+
+/// The planner for this build's training device (CPU) and `world` ranks.
+pub fn planner(cfg: &Config, world: usize) -> Result<Planner, TrainError> {
+    let device = DeviceSpec::new(DeviceKind::Cpu, cpu_threads());
+    Planner::new(cfg, world, device).map_err(plan_error)
+}
+
+pub(crate) fn plan_error(e: PlanError) -> TrainError {
+    match e {
+        PlanError::Model(m) => TrainError::Model(m),
+        PlanError::Input(m) => TrainError::Setup(format!("memory plan: {m}")),
+    }
+}
+
+/// The fastest setting with the configured effective batch whose predicted peak fits
+/// `budget`, among those this build can run: `sepdist plan --fit` less the design-only
+/// settings (bf16 without CUDA training).
+pub fn fit_to(planner: &Planner, budget: u64) -> Result<Fit, TrainError> {
+    let base = planner.configured();
+    let effective = base.micro_batch * base.accumulation * planner.world;
+    let candidates: Vec<Setting> = planner
+        .fit_candidates(effective)
+        .map_err(plan_error)?
+        .into_iter()
+        .filter(|s| planner.predict(s).implemented)
+        .collect();
+    planner.fit_among(&candidates, budget).map_err(plan_error)
+}
+
+/// After a step measured `measured` bytes against `budget`: the fastest setting of the same
+/// effective batch predicted to fit `budget` once the prediction is corrected by what was
+/// measured (`budget × predicted / measured` when the plan was low), with a lower predicted
+/// peak than the running one, so that refitting again always makes progress. `same_stage`
+/// keeps the ZeRO stage (a running trainer's shards are laid out for it). `None`: nothing
+/// smaller fits.
+pub fn fitted_after_failure(
+    planner: &Planner,
+    budget: u64,
+    measured: u64,
+    same_stage: bool,
+) -> Result<Option<Prediction>, TrainError> {
+    let current = planner.configured();
+    let predicted = planner.predict(&current).peak;
+    let corrected = if measured > predicted && measured > 0 {
+        (budget as f64 * predicted as f64 / measured as f64) as u64
+    } else {
+        budget
+    };
+    let base = &current;
+    let effective = base.micro_batch * base.accumulation * planner.world;
+    let candidates: Vec<Setting> = planner
+        .fit_candidates(effective)
+        .map_err(plan_error)?
+        .into_iter()
+        .filter(|s| !same_stage || s.zero_stage == base.zero_stage)
+        .filter(|s| {
+            let p = planner.predict(s);
+            p.implemented && p.peak < predicted
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    Ok(
+        match planner
+            .fit_among(&candidates, corrected)
+            .map_err(plan_error)?
+        {
+            Fit::Fits(best) => Some(*best),
+            Fit::Short(_) => None,
+        },
+    )
+}
+
+/// Text of a fitted setting: what it is, its predicted peak, and the `--set` line.
+pub fn fitted_text(best: &Prediction, base: &Setting) -> String {
+    format!(
+        "{}: predicted peak {}\n  {}",
+        describe_fit(&best.setting),
+        format_bytes(best.peak),
+        set_args(&best.setting.overrides(base))
+    )
+}
+
+/// One rank's pre-flight figures, exchanged between the ranks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RankCheck {
+    peak: u64,
+    measured: Option<Measured>,
+}
+
+/// The pre-flight check of every rank (a collective: every rank calls it). Returns the config
+/// to train with: the given one, or with `training.on_oom: refit` the fitted setting when the
+/// configured one does not fit. Refuses with [`TrainError::OutOfMemory`] on every rank when
+/// the prediction exceeds what some rank has, unless `force`.
+pub fn preflight(
+    cfg: Config,
+    comm: &dyn Communicator,
+    force: bool,
+    device: &dyn DeviceMemory,
+) -> Result<Config, TrainError> {
+    let world = comm.world_size();
+    let planner = planner(&cfg, world)?;
+    let predicted = planner.predict(&planner.configured());
+    let mine = RankCheck {
+        peak: predicted.peak,
+        measured: device.free(),
+    };
+    let bytes = serde_json::to_vec(&mine)
+        .map_err(|e| TrainError::Setup(format!("cannot encode the memory check: {e}")))?;
+    let all: Vec<RankCheck> = comm
+        .all_gather_bytes(&bytes)?
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrainError::Setup(format!("a rank sent a bad memory check: {e}")))?;
+    let rank0 = comm.rank() == 0;
+    // What each rank may use, its pool's free memory split between the ranks drawing on it.
+    let pool = |c: &RankCheck| c.measured.as_ref().map(|m| m.pool.clone());
+    let avail: Vec<Option<Available>> = all
+        .iter()
+        .map(|c| {
+            let sharing = all.iter().filter(|o| pool(o) == pool(c)).count();
+            available(&cfg.training, c.measured.clone(), sharing)
+        })
+        .collect();
+    let mut text = String::new();
+    for (r, a) in avail.iter().enumerate() {
+        if let Some(w) = a.as_ref().and_then(|a| a.warning.as_ref()) {
+            text.push_str(&format!("warning: rank {r}: {w}\n"));
+        }
+    }
+    let short: Vec<(usize, &Available)> = all
+        .iter()
+        .zip(&avail)
+        .enumerate()
+        .filter_map(|(r, (c, a))| a.as_ref().map(|a| (r, c, a)))
+        .filter(|(_, c, a)| c.peak > a.bytes)
+        .map(|(r, _, a)| (r, a))
+        .collect();
+    let tightest = avail
+        .iter()
+        .enumerate()
+        .filter_map(|(r, a)| a.as_ref().map(|a| (r, a)))
+        .min_by_key(|(_, a)| a.bytes);
+    // Within the budget (or nothing known to check against): say nothing, the run's output
+    // stays as it was; only warnings.
+    let Some((tight_rank, tight)) = tightest.filter(|_| !short.is_empty()) else {
+        print_once(rank0, &text);
+        return Ok(cfg);
+    };
+    let on = if world > 1 {
+        format!(" on rank {tight_rank}")
+    } else {
+        String::new()
+    };
+    let ranks: Vec<String> = short.iter().map(|(r, _)| r.to_string()).collect();
+    text.push_str(&format!(
+        "memory check: the predicted peak {} per rank does not fit the {} available{on} ({}){}",
+        format_bytes(predicted.peak),
+        format_bytes(tight.bytes),
+        tight.source,
+        if world > 1 {
+            format!("; short on rank(s) {}", ranks.join(", "))
+        } else {
+            String::new()
+        }
+    ));
+    breakdown(&planner, &predicted, tight.bytes, &mut text);
+    let base = planner.configured();
+    let g = base.micro_batch * base.accumulation * world;
+    let fitted = match fit_to(&planner, tight.bytes)? {
+        Fit::Fits(best) => {
+            text.push_str(&format!(
+                "fitted setting for {} with the same effective batch {g} (`sepdist plan --fit`): {}\n",
+                format_bytes(tight.bytes),
+                fitted_text(&best, &base)
+            ));
+            Some(best)
+        }
+        Fit::Short(closest) => {
+            text.push_str(&format!(
+                "no micro-batch, accumulation, checkpointing or ZeRO setting of the effective batch {g} fits {}: the closest, {}, needs {}; shorter segments (dataset.segment_length), more ranks or more memory are left\n",
+                format_bytes(tight.bytes),
+                describe_fit(&closest.setting),
+                format_bytes(closest.peak)
+            ));
+            None
+        }
+    };
+    let summary = format!(
+        "out of memory before training: the predicted peak {} per rank exceeds the {} available{on}; nothing was allocated",
+        format_bytes(predicted.peak),
+        format_bytes(tight.bytes)
+    );
+    if force {
+        text.push_str("--force: starting anyway\n");
+        print_once(rank0, &text);
+        return Ok(cfg);
+    }
+    if let (OnOom::Refit, Some(best)) = (cfg.training.on_oom, &fitted) {
+        text.push_str("training.on_oom: refit: starting with the fitted setting\n");
+        print_once(rank0, &text);
+        return Ok(best.setting.apply(&cfg));
+    }
+    text.push_str(if fitted.is_some() {
+        "nothing was allocated; run with the overrides above, set training.on_oom: refit to apply them by itself, or start anyway with --force\n"
+    } else {
+        "nothing was allocated; start anyway with --force\n"
+    });
+    print_once(rank0, &text);
+    // No rank exits before rank 0's message is out (launchers kill the rest on the first
+    // non-zero exit).
+    comm.barrier()?;
+    Err(TrainError::OutOfMemory(summary))
+}
+
+/// Rank 0 writes `text` to stderr in one piece (the launcher forwards it whole).
+fn print_once(rank0: bool, text: &str) {
+    if rank0 && !text.is_empty() {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sepdist_config::ByteSize;
+
+    fn measured(bytes: u64) -> Option<Measured> {
+        Some(Measured {
+            bytes,
+            source: "test".into(),
+            pool: "node".into(),
+        })
+    }
+
+    #[test]
+    fn cgroup_v2_takes_the_tightest_level_and_ignores_max() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let job = root.path().join("slurm/job_7");
+        std::fs::create_dir_all(&job).expect("mkdir");
+        std::fs::write(root.path().join("cgroup.controllers"), "memory\n").expect("write");
+        std::fs::write(root.path().join("memory.max"), "max\n").expect("write");
+        std::fs::write(root.path().join("slurm/memory.max"), "10000\n").expect("write");
+        std::fs::write(root.path().join("slurm/memory.current"), "9000\n").expect("write");
+        std::fs::write(job.join("memory.max"), "8000\n").expect("write");
+        std::fs::write(job.join("memory.current"), "2000\n").expect("write");
+        let m = cgroup_headroom("0::/slurm/job_7\n", root.path()).expect("a limit");
+        // The job has 6000 left, its parent only 1000.
+        assert_eq!(m.bytes, 1000);
+        assert!(m.source.contains("slurm/memory.max"), "{}", m.source);
+        // Ranks in this cgroup share it whatever its usage was when each looked.
+        assert_eq!(
+            m.pool,
+            root.path().join("slurm/memory.max").display().to_string()
+        );
+        assert!(cgroup_headroom("0::/\n", root.path()).is_none());
+    }
+
+    #[test]
+    fn cgroup_v1_memory_controller_and_its_unlimited_value() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mem = root.path().join("memory");
+        std::fs::create_dir_all(mem.join("box")).expect("mkdir");
+        std::fs::write(mem.join("memory.limit_in_bytes"), "9223372036854771712\n").expect("w");
+        std::fs::write(mem.join("box/memory.limit_in_bytes"), "5000\n").expect("w");
+        std::fs::write(mem.join("box/memory.usage_in_bytes"), "1500\n").expect("w");
+        let text = "5:devices:/\n4:memory:/box\n0::/\n";
+        assert_eq!(
+            cgroup_headroom(text, root.path()).map(|m| m.bytes),
+            Some(3500)
+        );
+        // A path outside the namespace's view: only the mount's root is read (no limit).
+        assert!(cgroup_headroom("4:memory:/../elsewhere\n", root.path()).is_none());
+    }
+
+    #[test]
+    fn cpu_memory_is_the_smaller_of_memavailable_and_the_cgroup() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let meminfo = root.path().join("meminfo");
+        std::fs::write(&meminfo, "MemTotal: 100 kB\nMemAvailable: 4 kB\n").expect("w");
+        let cg = root.path().join("cgroup");
+        std::fs::write(&cg, "0::/\n").expect("w");
+        let sys = root.path().join("sys");
+        std::fs::create_dir_all(&sys).expect("mkdir");
+        std::fs::write(sys.join("cgroup.controllers"), "").expect("w");
+        std::fs::write(sys.join("memory.max"), "10000\n").expect("w");
+        std::fs::write(sys.join("memory.current"), "0\n").expect("w");
+        let m = CpuMemory::at(&meminfo, &cg, &sys).free().expect("measured");
+        assert_eq!((m.bytes, m.source.as_str()), (4096, "MemAvailable"));
+        std::fs::write(sys.join("memory.current"), "9000\n").expect("w");
+        let m = CpuMemory::at(&meminfo, &cg, &sys).free().expect("measured");
+        assert_eq!(m.bytes, 1000);
+        assert!(
+            CpuMemory::at("/nonexistent", "/nonexistent", "/nonexistent")
+                .free()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_budget_wins_over_the_device_and_the_reserve_applies_to_the_device_only() {
+        let mut t = TrainingConfig {
+            memory_reserve: ByteSize(100),
+            ..TrainingConfig::default()
+        };
+        let a = available(&t, measured(1000), 1).expect("known");
+        assert_eq!(a.bytes, 900);
+        assert!(a.source.contains("memory_reserve 100B"), "{}", a.source);
+        // Two ranks on one node: each has half of it, less its own reserve.
+        let a = available(&t, measured(1000), 2).expect("known");
+        assert_eq!(a.bytes, 400);
+        assert!(a.source.contains("shared by 2 ranks"), "{}", a.source);
+        assert!(available(&t, None, 1).is_none());
+        t.memory_budget = Some(ByteSize(500));
+        let a = available(&t, measured(1000), 1).expect("known");
+        assert_eq!((a.bytes, a.warning), (500, None));
+        t.memory_budget = Some(ByteSize(5000));
+        let a = available(&t, measured(1000), 1).expect("known");
+        assert_eq!(a.bytes, 5000);
+        assert!(
+            a.warning
+                .is_some_and(|w| w.contains("more than the 1.0 kB free"))
+        );
+    }
+
+    fn tiny() -> Config {
+        let mut cfg = Config::default();
+        cfg.model.n_layers = 1;
+        cfg.model.emb_dim = 16;
+        cfg.model.n_heads = 2;
+        cfg.model.ffn_hidden_dim = [32, 32];
+        cfg.model.mask_hidden_dim = Some(32);
+        cfg.model.n_fft = 256;
+        cfg.model.hop_length = 64;
+        cfg.model.bands =
+            sepdist_config::Bands::Widths(vec![4, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 33]);
+        cfg.dataset.segment_length = 2048;
+        cfg.training.batch_size = 4;
+        cfg.training.gradient_accumulation_steps = 1;
+        cfg
+    }
+
+    #[test]
+    fn a_failed_step_refits_to_a_smaller_setting_of_the_same_batch() {
+        let cfg = tiny();
+        let p = planner(&cfg, 1).expect("planner");
+        let peak = p.predict(&p.configured()).peak;
+        let best = fitted_after_failure(&p, peak * 3 / 4, peak, true)
+            .expect("fit")
+            .expect("a smaller setting fits");
+        let s = &best.setting;
+        assert_eq!(s.micro_batch * s.accumulation, 4);
+        assert!(best.peak <= peak * 3 / 4 && s.micro_batch < 4, "{s:?}");
+        // Measured 10 % above the plan: the plan of the refit must leave that much room.
+        let corrected = fitted_after_failure(&p, peak * 3 / 4, peak + peak / 10, true)
+            .expect("fit")
+            .expect("fits");
+        assert!(corrected.peak as f64 * 1.1 <= (peak * 3 / 4) as f64 * 1.001);
+        // Nothing fits one byte.
+        assert!(
+            fitted_after_failure(&p, 1, peak, true)
+                .expect("fit")
+                .is_none()
+        );
+    }
+}
