@@ -18,7 +18,7 @@
 //! by [`FlatLayout`]; gradients are accumulated straight into a flat buffer.
 
 use crate::checkpoint::{Fingerprint, HostTensor, ParamInfo};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use sepdist_model::loss::SeparationLoss;
 use sepdist_model::{ModelError, ParamSpec, Separator};
 use std::collections::BTreeMap;
@@ -156,12 +156,14 @@ pub trait ShardedParams<E> {
 trait Access<E> {
     /// The piece's parameters in [`Engine::piece_params`] order; tracked ones are variables.
     fn fetch(&mut self, engine: &Engine, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, E>;
-    /// The gradients of `params` (as fetched, tracked) in `grads`.
+    /// The gradients in `grads` of the parameters fetched as tensors `params` (their ids: the
+    /// tensors themselves are dropped first, so that a gathered piece is gone before its
+    /// gradient is handed over).
     fn deliver(
         &mut self,
         engine: &Engine,
         piece: Piece,
-        params: &[Tensor],
+        params: &[TensorId],
         grads: &candle_core::backprop::GradStore,
     ) -> Result<(), E>;
     /// Every parameter gradient of `block` has been delivered.
@@ -187,11 +189,11 @@ where
         &mut self,
         engine: &Engine,
         piece: Piece,
-        params: &[Tensor],
+        params: &[TensorId],
         grads: &candle_core::backprop::GradStore,
     ) -> Result<(), E> {
-        for (&i, p) in engine.piece_params(piece).iter().zip(params) {
-            if let Some(g) = grads.get(p) {
+        for (&i, &p) in engine.piece_params(piece).iter().zip(params) {
+            if let Some(g) = grads.get_id(p) {
                 let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 for (acc, x) in self.flat_grads[engine.layout.range(i)].iter_mut().zip(g) {
                     *acc += x;
@@ -247,14 +249,14 @@ where
         &mut self,
         engine: &Engine,
         piece: Piece,
-        params: &[Tensor],
+        params: &[TensorId],
         grads: &candle_core::backprop::GradStore,
     ) -> Result<(), E> {
         let ids = engine.piece_params(piece);
         let len = ids.iter().map(|&i| engine.layout.specs[i].numel()).sum();
         let mut out = Vec::with_capacity(len);
-        for (&i, p) in ids.iter().zip(params) {
-            match grads.get(p) {
+        for (&i, &p) in ids.iter().zip(params) {
+            match grads.get_id(p) {
                 Some(g) => out.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => out.resize(out.len() + engine.layout.specs[i].numel(), 0.0),
             }
@@ -291,6 +293,10 @@ impl std::fmt::Debug for Engine {
             .field("recompute", &self.recompute)
             .finish()
     }
+}
+
+fn tensor_ids(tensors: &[Tensor]) -> Vec<TensorId> {
+    tensors.iter().map(Tensor::id).collect()
 }
 
 fn scalar(t: &Tensor) -> Result<f64, ModelError> {
@@ -632,8 +638,9 @@ impl Engine {
             }
             let grads = parts.total.backward()?;
             drop((parts, estimate));
-            access.deliver(self, Piece::HeadSource(s), &params, &grads)?;
+            let ids = tensor_ids(&params);
             drop(params);
+            access.deliver(self, Piece::HeadSource(s), &ids, &grads)?;
             // Detached: the gradient's own graph (it is computed with forward tensors) is of
             // no use and would keep them alive.
             if let Some(gs) = grads.get(head_in.as_tensor()) {
@@ -675,8 +682,9 @@ impl Engine {
                 }
             };
             let grads = (y * &g)?.sum_all()?.backward()?;
-            access.deliver(self, Piece::Block(i), &params, &grads)?;
+            let ids = tensor_ids(&params);
             drop(params);
+            access.deliver(self, Piece::Block(i), &ids, &grads)?;
             access.block_done(i)?;
             if let Some(v) = &input {
                 g = match grads.get(v.as_tensor()) {

@@ -341,7 +341,7 @@ pub struct Prediction {
     pub compute_s: f64,
     pub comm_bytes: f64,
     pub comm_s: f64,
-    /// False when the setting needs something this build does not have (bf16 on CPU).
+    /// False when the setting needs something this build does not have (bf16: CUDA training).
     pub implemented: bool,
 }
 
@@ -647,7 +647,8 @@ impl Planner {
             }
         };
         let comm_s = comm_bytes / self.device.link_bytes_per_s;
-        let implemented = !bf16 || self.device.kind.is_gpu();
+        // bf16 needs CUDA training, which this build does not have on any device.
+        let implemented = !bf16;
         Prediction {
             setting: setting.clone(),
             world_size: self.world,
