@@ -414,11 +414,7 @@ impl Engine {
 
     /// The parameters as one flat fp32 vector.
     pub fn flat_params(&self) -> Result<Vec<f32>, ModelError> {
-        if !self.holds_params() {
-            return Err(ModelError::Input(
-                "the engine holds no parameters (released for ZeRO-3)".into(),
-            ));
-        }
+        self.require_params()?;
         let mut flat = vec![0.0; self.layout.len];
         for (i, v) in self.vars.iter().enumerate() {
             let data = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -429,11 +425,7 @@ impl Engine {
 
     /// Copies a flat vector (at least `layout.len` long) into the parameters.
     pub fn load_flat(&self, flat: &[f32]) -> Result<(), ModelError> {
-        if !self.holds_params() {
-            return Err(ModelError::Input(
-                "the engine holds no parameters (released for ZeRO-3): use materialize".into(),
-            ));
-        }
+        self.require_params()?;
         for (i, v) in self.vars.iter().enumerate() {
             let t = Tensor::from_slice(&flat[self.layout.range(i)], v.shape(), &self.device)?;
             v.set(&t)?;
@@ -463,6 +455,15 @@ impl Engine {
         !self.vars.is_empty()
     }
 
+    fn require_params(&self) -> Result<(), ModelError> {
+        if self.holds_params() {
+            return Ok(());
+        }
+        Err(ModelError::Input(
+            "the engine holds no parameters (released for ZeRO-3): use the sharded path, or materialize them".into(),
+        ))
+    }
+
     /// Drops the engine's copy of the parameters (ZeRO-3: they live as shards and are
     /// gathered per piece); [`Engine::materialize`] brings them back.
     pub fn release_params(&mut self) {
@@ -488,12 +489,7 @@ impl Engine {
 
     /// All of block `i`'s parameters (the whole head for the last), untracked.
     fn whole_block(&self, i: usize) -> Result<Vec<Tensor>, ModelError> {
-        if !self.holds_params() {
-            return Err(ModelError::Input(
-                "the engine holds no parameters (released for ZeRO-3): materialize them first"
-                    .into(),
-            ));
-        }
+        self.require_params()?;
         Ok(self.block_params[i]
             .iter()
             .map(|&i| self.vars[i].as_tensor().detach())
@@ -502,11 +498,7 @@ impl Engine {
 
     /// The engine's parameters of `piece`: tracked ones are its `Var`s.
     fn held(&self, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, ModelError> {
-        if !self.holds_params() {
-            return Err(ModelError::Input(
-                "the engine holds no parameters (released for ZeRO-3): use the sharded path".into(),
-            ));
-        }
+        self.require_params()?;
         Ok(self
             .piece_params(piece)
             .iter()

@@ -662,8 +662,6 @@ impl Trainer<'_> {
                     TrainError::Setup(format!("the data loader ended before step {step}"))
                 })??;
             let (mixture, stems) = batch_tensors(&batch, self.engine.device())?;
-            let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
-            let mut done = vec![false; blocks];
             let (engine, comm, plan) = (&self.engine, self.comm, &self.buckets);
             if let Some(zero3) = &self.zero3 {
                 // Every micro-batch reduce-scatters each piece's gradient into the shard.
@@ -674,6 +672,8 @@ impl Trainer<'_> {
                 losses.add(values, 1.0 / accumulation as f64);
                 continue;
             }
+            let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
+            let mut done = vec![false; blocks];
             let values = self.meter.phase(Phase::Backward, || {
                 engine.forward_backward_with(
                     &mixture,
@@ -896,11 +896,16 @@ impl Trainer<'_> {
     /// The whole (padded) parameter vector: under ZeRO-3 all-gathered from the shards, so
     /// every rank must call it.
     fn full_params(&self) -> Result<Vec<f32>, TrainError> {
-        if self.zero3.is_none() {
-            return Ok(self.flat.clone());
+        self.whole(&self.flat)
+    }
+
+    /// The whole (padded) vector of which `local` is this rank's shard, or all of it.
+    fn whole(&self, local: &[f32]) -> Result<Vec<f32>, TrainError> {
+        if local.len() == self.padded {
+            return Ok(local.to_vec());
         }
         let mut full = vec![0.0; self.padded];
-        self.comm.all_gather(&self.flat, &mut full)?;
+        self.comm.all_gather(local, &mut full)?;
         Ok(full)
     }
 
@@ -920,15 +925,7 @@ impl Trainer<'_> {
 
     /// The whole EMA vector (padded like `flat`) on every rank: shards are all-gathered.
     fn full_ema(&self) -> Result<Option<Vec<f32>>, TrainError> {
-        let Some(ema) = &self.ema else {
-            return Ok(None);
-        };
-        if ema.len() == self.padded {
-            return Ok(Some(ema.clone()));
-        }
-        let mut full = vec![0.0; self.padded];
-        self.comm.all_gather(ema, &mut full)?;
-        Ok(Some(full))
+        self.ema.as_deref().map(|ema| self.whole(ema)).transpose()
     }
 
     /// Whether a validation is scheduled after optimizer step `step` (every `eval_every` steps

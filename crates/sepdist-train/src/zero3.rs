@@ -10,7 +10,7 @@
 //! gradient is the mirror image: one reduce-scatter of the same packing, each rank adding the
 //! sum of its part to its gradient shard.
 
-use crate::engine::{Engine, Piece, ShardedParams};
+use crate::engine::{Engine, FlatLayout, Piece, ShardedParams};
 use sepdist_comm::{CommError, Communicator, Result};
 use sepdist_model::ModelError;
 use std::collections::BTreeMap;
@@ -25,21 +25,15 @@ pub struct Zero3 {
 impl Zero3 {
     /// The pieces of `engine` ([`Engine::pieces`]) over `world` shards of `per` elements.
     pub fn new(engine: &Engine, per: usize, world: usize) -> Self {
-        let layout = engine.layout();
         let exchanges = engine
             .pieces()
             .into_iter()
             .map(|piece| {
-                // Neighbouring parameters make one range: fewer, longer copies.
-                let mut ranges: Vec<Range<usize>> = Vec::new();
-                for &i in engine.piece_params(piece) {
-                    let r = layout.range(i);
-                    match ranges.last_mut() {
-                        Some(last) if last.end == r.start => last.end = r.end,
-                        _ => ranges.push(r),
-                    }
-                }
-                (piece, PieceExchange::new(&ranges, per, world))
+                let ids = engine.piece_params(piece).iter().copied();
+                (
+                    piece,
+                    PieceExchange::of_params(engine.layout(), ids, per, world),
+                )
             })
             .collect();
         Self { exchanges }
@@ -152,6 +146,25 @@ impl PieceExchange {
             chunk,
             len: piece_offset,
         }
+    }
+
+    /// The piece made of the layout's parameters `ids` (in this order).
+    pub fn of_params(
+        layout: &FlatLayout,
+        ids: impl IntoIterator<Item = usize>,
+        per: usize,
+        world: usize,
+    ) -> Self {
+        // Neighbouring parameters make one range: fewer, longer copies.
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for i in ids {
+            let r = layout.range(i);
+            match ranges.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => ranges.push(r),
+            }
+        }
+        Self::new(&ranges, per, world)
     }
 
     /// Elements in the whole piece.

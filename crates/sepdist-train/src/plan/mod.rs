@@ -434,15 +434,8 @@ impl Planner {
     /// per-rank chunks, exactly as the trainer's `zero3::Zero3` lays them out.
     fn gathers(&self, per: usize) -> model::Gathers {
         let piece = |ids: &mut dyn Iterator<Item = usize>| -> (u64, u64) {
-            let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-            for i in ids {
-                let r = self.layout.range(i);
-                match ranges.last_mut() {
-                    Some(last) if last.end == r.start => last.end = r.end,
-                    _ => ranges.push(r),
-                }
-            }
-            let exchange = crate::zero3::PieceExchange::new(&ranges, per, self.world);
+            let exchange =
+                crate::zero3::PieceExchange::of_params(&self.layout, ids, per, self.world);
             (exchange.len() as u64, exchange.chunk() as u64)
         };
         let last = self.block_params.len().saturating_sub(1);
