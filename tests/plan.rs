@@ -296,11 +296,11 @@ fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
         kept_cut >= 0.80,
         "kept activations cut by {kept_cut:.3} only"
     );
-    // Not 0.80: the checkpointed peak is the recompute of the last band transformer's backward
-    // (the kept block inputs, that layer's graph and candle's backward working set), which the
-    // head's size does not change.
+    // Not 0.80 yet: the checkpointed peak is the last band transformer's recomputed forward
+    // and hand-written backward on top of the kept block inputs, and the head and loss
+    // forward of the first source is almost as high.
     assert!(
-        peak_cut >= 0.65,
+        peak_cut >= 0.74,
         "peak activation memory cut by {peak_cut:.3} only"
     );
     assert!((kept_cut - predicted_kept_cut).abs() < 0.03);
@@ -446,13 +446,12 @@ fn plan_fit_prints_overrides_writes_the_config_and_exits_3_when_nothing_fits() {
     let written = sepdist_config::load_file(&fitted, &[]).unwrap();
     assert_eq!(written, cfg);
 
-    // 4 GB: below the closest setting (1 × 4, checkpointing, ZeRO-3), which fits 8 GB since
-    // the head runs one source at a time.
-    let a = args("4GB");
+    // 3 GB: below the closest setting (1 × 4, checkpointing, ZeRO-3, 3.9 GB).
+    let a = args("3GB");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let out = common::run(&a);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("nothing fits 4.0 GB per rank"), "{stdout}");
+    assert!(stdout.contains("nothing fits 3.0 GB per rank"), "{stdout}");
     assert!(stdout.contains("more)"), "{stdout}");
 }

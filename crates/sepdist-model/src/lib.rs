@@ -21,6 +21,6 @@ pub use error::{ModelError, Result};
 pub use flops::{flops_per_sample, param_count};
 pub use params::{Init, ParamSpec};
 pub use separator::{
-    AttentionKind, Block, BlockKind, Dims, ForwardContext, RMS_EPS, ROPE_BASE, Separator,
-    apply_mask_istft,
+    AttentionKind, Block, BlockKind, Dims, ForwardContext, RMS_EPS, ROPE_BASE, SavedForward,
+    Separator, apply_mask_istft,
 };

@@ -167,6 +167,32 @@ enum Slots {
     Head(usize, Vec<Vec<Vec<[usize; 2]>>>),
 }
 
+/// What a transformer's [`Block::forward_saved`] keeps for [`Block::backward_saved`]: its
+/// input, the two norms' outputs, q/k/v, the attention output ‖ log-sum-exp, the residual
+/// stream after attention and the feed-forward's hidden pre-activation.
+#[derive(Debug)]
+pub struct SavedForward {
+    x: Tensor,
+    hn: Tensor,
+    qkv: Tensor,
+    fo: Tensor,
+    xs: Tensor,
+    hn2: Tensor,
+    hid: Tensor,
+}
+
+/// A transformer's parameters by role.
+struct LayerParams {
+    g1: Tensor,
+    wqkv: Tensor,
+    wo: Tensor,
+    g2: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+}
+
 /// One block: a pure function of (its parameters, its input, the context).
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -309,28 +335,8 @@ impl Block {
         match &self.slots {
             Slots::BandSplit(s) => self.band_split(s, &p, x),
             Slots::Transformer(s) => {
-                let (b, t, k, _) = x.dims4()?;
                 let ps: Vec<&Tensor> = s.iter().map(|&i| p(i)).collect();
-                // Rows stay in `[B, T, K]` order: the fused projections gather and scatter
-                // the sequences (frames of a band, or bands of a frame) themselves.
-                let (seq, rope) = match self.kind {
-                    BlockKind::Time { .. } => (
-                        SeqLayout {
-                            outer: b,
-                            len: t,
-                            inner: k,
-                        },
-                        &ctx.time_rope,
-                    ),
-                    _ => (
-                        SeqLayout {
-                            outer: b * t,
-                            len: k,
-                            inner: 1,
-                        },
-                        &ctx.band_rope,
-                    ),
-                };
+                let (seq, rope) = self.sequences(x, ctx)?;
                 self.transformer(&ps, x, rope, seq, ctx.attention)
             }
             Slots::Head(fin, mlps) => {
@@ -338,6 +344,260 @@ impl Block {
                 apply_mask_istft(&self.stft, &mask, &ctx.spec, ctx.length)
             }
         }
+    }
+
+    /// How a transformer's rows `[B, T, K]` form its attention sequences, and their RoPE.
+    /// Rows stay in that order: the fused projections gather and scatter the sequences
+    /// (frames of a band, or bands of a frame) themselves.
+    fn sequences<'c>(&self, x: &Tensor, ctx: &'c ForwardContext) -> Result<(SeqLayout, &'c Rope)> {
+        let (b, t, k, _) = x.dims4()?;
+        Ok(match self.kind {
+            BlockKind::Time { .. } => (
+                SeqLayout {
+                    outer: b,
+                    len: t,
+                    inner: k,
+                },
+                &ctx.time_rope,
+            ),
+            _ => (
+                SeqLayout {
+                    outer: b * t,
+                    len: k,
+                    inner: 1,
+                },
+                &ctx.band_rope,
+            ),
+        })
+    }
+
+    /// Whether this block has a hand-written backward ([`Block::forward_saved`] with
+    /// [`Block::backward_saved`], and [`Block::backward_recomputed`]) for this input: a
+    /// transformer whose fused ops run (the CPU, f32 or f64, the flash attention; parameters
+    /// of the input's dtype). Elsewhere candle's backward of [`Block::forward`]'s graph is the
+    /// way.
+    pub fn has_own_backward(&self, x: &Tensor, ctx: &ForwardContext) -> bool {
+        matches!(self.slots, Slots::Transformer(_))
+            && ctx.attention == AttentionKind::Flash
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// A transformer's forward without candle's graph, keeping what
+    /// [`Block::backward_saved`] needs (the fused ops' inputs and the attention's output),
+    /// with the block's output. Candle's graph of [`Block::forward`] would also keep the
+    /// feed-forward's output, and its backward would hold the graph and a zeroed buffer plus
+    /// a sum per gradient.
+    pub fn forward_saved(
+        &self,
+        params: &[Tensor],
+        x: &Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<(Tensor, SavedForward)> {
+        let p = self.layer_params(params)?;
+        let x = x.detach();
+        let (seq, rope) = self.sequences(&x, ctx)?;
+        let (hn, qkv, fo) = self.attention_forward(&p, &x, seq, rope)?;
+        let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
+        let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
+        let hid = ffn::linear_bias(&hn2, &p.w1, &p.b1)?;
+        let y = (&xs + ffn::gelu_linear_bias(&hid, &p.w2, &p.b2)?)?;
+        let saved = SavedForward {
+            x,
+            hn,
+            qkv,
+            fo,
+            xs,
+            hn2,
+            hid,
+        };
+        Ok((y, saved))
+    }
+
+    /// The hand-written backward of a transformer from its output's gradient `dy` (taken, so
+    /// that it is freed once used): the gradient of its input and of its parameters (in
+    /// `params` order). Every saved tensor and intermediate gradient is dropped after its last
+    /// use; each sum of two gradients is the one candle's backward forms, so the results are
+    /// the same.
+    pub fn backward_saved(
+        &self,
+        params: &[Tensor],
+        saved: SavedForward,
+        dy: Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let p = self.layer_params(params)?;
+        let SavedForward {
+            x,
+            hn,
+            qkv,
+            fo,
+            xs,
+            hn2,
+            hid,
+        } = saved;
+        let (seq, rope) = self.sequences(&x, ctx)?;
+        let (dxs, ffn_grads) = Self::ffn_backward(&p, xs, hid, Some(hn2), dy)?;
+        let (dx, attn_grads) = self.attention_backward(&p, x, Some(hn), qkv, fo, dxs, seq, rope)?;
+        self.assemble(params.len(), attn_grads, ffn_grads, dx)
+    }
+
+    /// Activation checkpointing's backward of a transformer from its input `x` alone: the
+    /// forward is rerun without a graph and without keeping the two norms' outputs (each is
+    /// recomputed where the backward uses it), then [`Block::backward_saved`]'s steps run.
+    /// Results as [`Block::backward_saved`]'s.
+    pub fn backward_recomputed(
+        &self,
+        params: &[Tensor],
+        x: &Tensor,
+        dy: Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let p = self.layer_params(params)?;
+        let x = x.detach();
+        let (seq, rope) = self.sequences(&x, ctx)?;
+        let (_, qkv, fo) = self.attention_forward(&p, &x, seq, rope)?;
+        let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
+        let hid = {
+            let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
+            ffn::linear_bias(&hn2, &p.w1, &p.b1)?
+        };
+        let (dxs, ffn_grads) = Self::ffn_backward(&p, xs, hid, None, dy)?;
+        let (dx, attn_grads) = self.attention_backward(&p, x, None, qkv, fo, dxs, seq, rope)?;
+        self.assemble(params.len(), attn_grads, ffn_grads, dx)
+    }
+
+    /// `norm(x)`, its q/k/v and the attention output ‖ log-sum-exp.
+    fn attention_forward(
+        &self,
+        p: &LayerParams,
+        x: &Tensor,
+        seq: SeqLayout,
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hn = norm::rms_norm(x, &p.g1, RMS_EPS)?;
+        let qkv = attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?;
+        let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
+        Ok((hn, qkv, fo))
+    }
+
+    fn attention_scale(&self) -> f64 {
+        (self.dims.head_dim as f64).powf(-0.5)
+    }
+
+    /// Feed-forward part: y = xs + gelu(hid)·w2ᵀ + b2, hid = hn2·w1ᵀ + b1, hn2 = norm(xs)
+    /// (recomputed when not given). Returns the gradient of `xs` and `[dg2, dw1, db1, dw2,
+    /// db2]`.
+    fn ffn_backward(
+        p: &LayerParams,
+        xs: Tensor,
+        hid: Tensor,
+        hn2: Option<Tensor>,
+        dy: Tensor,
+    ) -> Result<(Tensor, [Tensor; 5])> {
+        let (dhid, dw2, db2) = ffn::gelu_linear_bias_backward(&hid, &p.w2, &p.b2, &dy)?;
+        drop(hid);
+        let hn2 = match hn2 {
+            Some(hn2) => hn2,
+            None => norm::rms_norm(&xs, &p.g2, RMS_EPS)?,
+        };
+        let (dhn2, dw1, db1) = ffn::linear_bias_backward_owned(hn2, &p.w1, &p.b1, dhid)?;
+        let (dxs_norm, dg2) = norm::rms_norm_backward(&xs, &p.g2, &dhn2, RMS_EPS)?;
+        drop((dhn2, xs));
+        let dxs = (dy + dxs_norm)?;
+        Ok((dxs, [dg2, dw1, db1, dw2, db2]))
+    }
+
+    /// Attention part: xs = x + fo·woᵀ, fo = attention(qkv), qkv = rope(hn·wqkvᵀ), hn =
+    /// norm(x) (recomputed when not given). Returns the gradient of `x` and `[dg1, dwqkv,
+    /// dwo]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        p: &LayerParams,
+        x: Tensor,
+        hn: Option<Tensor>,
+        qkv: Tensor,
+        fo: Tensor,
+        dxs: Tensor,
+        seq: SeqLayout,
+        rope: &Rope,
+    ) -> Result<(Tensor, [Tensor; 3])> {
+        let dh = self.dims.head_dim;
+        let (dfo, dwo) = attn_proj::out_proj_residual_backward(&fo, &p.wo, seq, dh, &dxs)?;
+        let dqkv = attention::flash_attention_packed_backward_in_place(
+            qkv,
+            &fo,
+            &dfo,
+            self.attention_scale(),
+        )?;
+        drop((dfo, fo));
+        let (dhn, dwqkv) = attn_proj::qkv_rope_backward(
+            || match hn {
+                Some(hn) => Ok(hn),
+                None => norm::rms_norm(&x, &p.g1, RMS_EPS),
+            },
+            &p.wqkv,
+            rope,
+            seq,
+            self.dims.heads,
+            dqkv,
+        )?;
+        let (dx_norm, dg1) = norm::rms_norm_backward(&x, &p.g1, &dhn, RMS_EPS)?;
+        drop((dhn, x));
+        let dx = (dxs + dx_norm)?;
+        Ok((dx, [dg1, dwqkv, dwo]))
+    }
+
+    /// The gradients in `params` order (slot order: g1, wqkv, wo, g2, w1, b1, w2, b2).
+    fn assemble(
+        &self,
+        n_params: usize,
+        [dg1, dwqkv, dwo]: [Tensor; 3],
+        [dg2, dw1, db1, dw2, db2]: [Tensor; 5],
+        dx: Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let Slots::Transformer(slots) = &self.slots else {
+            return Err(self.not_a_transformer());
+        };
+        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
+        for (slot, g) in slots.iter().zip([dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2]) {
+            grads[self.pos[*slot]] = Some(g);
+        }
+        Ok((dx, grads.into_iter().flatten().collect()))
+    }
+
+    /// A transformer's parameters, detached (the hand-written backward builds no graph).
+    fn layer_params(&self, params: &[Tensor]) -> Result<LayerParams> {
+        let Slots::Transformer(slots) = &self.slots else {
+            return Err(self.not_a_transformer());
+        };
+        if params.len() != self.specs.len() {
+            return Err(ModelError::Input(format!(
+                "block {} takes {} parameters, got {}",
+                self.name,
+                self.specs.len(),
+                params.len()
+            )));
+        }
+        let [g1, wqkv, wo, g2, w1, b1, w2, b2] = slots.map(|slot| params[self.pos[slot]].detach());
+        Ok(LayerParams {
+            g1,
+            wqkv,
+            wo,
+            g2,
+            w1,
+            b1,
+            w2,
+            b2,
+        })
+    }
+
+    fn not_a_transformer(&self) -> ModelError {
+        ModelError::Input(format!(
+            "block {} has no hand-written backward (not a transformer)",
+            self.name
+        ))
     }
 
     /// `[B, 2, F, T, 2]` → `[B, T, K, D]`: per band RMSNorm(d_k) and Linear(d_k → D), batched
@@ -404,8 +664,11 @@ impl Block {
     ) -> Result<Tensor> {
         let (h, dh) = (self.dims.heads, self.dims.head_dim);
         let [g1, wqkv, wo, g2, w1, b1, w2, b2] = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]];
+        // Each intermediate is dropped after its last use: without a graph (the first forward
+        // under checkpointing, inference) that frees it; with one, the graph keeps it anyway.
         let hn = norm::rms_norm(xs, g1, RMS_EPS)?;
         let qkv = attn_proj::qkv_rope(&hn, wqkv, rope, seq, h)?; // [3, S, H, L, Dh]
+        drop(hn);
         let scale = (dh as f64).powf(-0.5);
         let o = match kind {
             AttentionKind::Flash => attention::flash_attention_packed(&qkv, scale)?,
@@ -413,10 +676,14 @@ impl Block {
                 attention::reference_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale)?
             }
         };
+        drop(qkv);
         let xs = attn_proj::out_proj_residual(&o, wo, xs, seq, dh)?;
-        let hn = norm::rms_norm(&xs, g2, RMS_EPS)?;
-        let hid = ffn::linear_bias(&hn, w1, b1)?;
+        drop(o);
+        let hn2 = norm::rms_norm(&xs, g2, RMS_EPS)?;
+        let hid = ffn::linear_bias(&hn2, w1, b1)?;
+        drop(hn2);
         let out = ffn::gelu_linear_bias(&hid, w2, b2)?;
+        drop(hid);
         Ok((xs + out)?)
     }
 

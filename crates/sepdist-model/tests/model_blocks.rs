@@ -146,3 +146,88 @@ fn model_blocks_are_pure_and_reject_wrong_params() -> R<()> {
     assert_ne!(v(&params)?, v(&other)?);
     Ok(())
 }
+
+/// A transformer's hand-written backward (`forward_saved` + `backward_saved`, and the
+/// checkpointing one, `backward_recomputed`) gives candle's backward of `Block::forward`'s
+/// graph: the same output, input gradient and parameter gradients, for a time and a band
+/// transformer, in f32 and f64.
+#[test]
+fn model_transformer_own_backward_matches_candle_backward() -> R<()> {
+    for dtype in [DType::F64, DType::F32] {
+        let sep = Separator::new(&tiny(), 2)?;
+        let params = sep.init_params(11, &Device::Cpu, dtype)?;
+        let mix = model_util::normal(&[2, 2, 96], 1.0, 4)?.to_dtype(dtype)?;
+        let ctx = sep.prepare_context_with(&mix, AttentionKind::Flash)?;
+        let band_split = &sep.blocks()[0];
+        assert!(!band_split.has_own_backward(ctx.first_input(), &ctx));
+        let x = band_split.forward(
+            &sep.block_params(band_split, &params)?,
+            ctx.first_input(),
+            &ctx,
+        )?;
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        for block in &sep.blocks()[1..3] {
+            assert!(block.has_own_backward(&x, &ctx), "{}", block.name());
+            let p = sep.block_params(block, &params)?;
+            let dy = model_util::normal(x.dims(), 1.0, 6)?.to_dtype(dtype)?;
+
+            // Reference: candle's backward of the block's graph.
+            let vars: Vec<Var> = p.iter().map(Var::from_tensor).collect::<Result<_, _>>()?;
+            let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let xin = Var::from_tensor(&x)?;
+            let y = block.forward(&tracked, xin.as_tensor(), &ctx)?;
+            let grads = (&y * &dy)?.sum_all()?.backward()?;
+
+            let (own_y, saved) = block.forward_saved(&p, &x, &ctx)?;
+            let (dx, dparams) = block.backward_saved(&p, saved, dy.clone(), &ctx)?;
+            let close = |a: &Tensor, b: &Tensor, what: &str| -> R<()> {
+                let a = a.to_dtype(DType::F64)?;
+                let b = b.to_dtype(DType::F64)?;
+                let diff = (&a - &b)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f64>()?;
+                let scale = a
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f64>()?
+                    .max(1e-3);
+                assert!(
+                    diff <= tol * scale,
+                    "{} {what} ({dtype:?}): differs by {diff} (scale {scale})",
+                    block.name()
+                );
+                Ok(())
+            };
+            close(&own_y, &y, "output")?;
+            close(
+                &dx,
+                grads.get(xin.as_tensor()).ok_or("no input gradient")?,
+                "dx",
+            )?;
+            assert_eq!(dparams.len(), p.len());
+            for ((v, g), spec) in vars.iter().zip(&dparams).zip(block.param_specs()) {
+                assert_eq!(g.dims(), spec.shape.as_slice(), "{}", spec.name);
+                close(
+                    g,
+                    grads.get(v.as_tensor()).ok_or("no gradient")?,
+                    &spec.name,
+                )?;
+            }
+            // Checkpointing's backward from the input alone: the same gradients.
+            let (dx2, dparams2) = block.backward_recomputed(&p, &x, dy, &ctx)?;
+            close(&dx2, &dx, "dx (recomputed)")?;
+            for ((a, b), spec) in dparams2.iter().zip(&dparams).zip(block.param_specs()) {
+                close(a, b, &format!("{} (recomputed)", spec.name))?;
+            }
+        }
+        // Not a transformer: refused with a message, not a panic.
+        let head = sep.blocks().last().ok_or("no head")?;
+        let hp = sep.block_params(head, &params)?;
+        assert!(head.forward_saved(&hp, &x, &ctx).is_err());
+        assert!(head.backward_recomputed(&hp, &x, x.clone(), &ctx).is_err());
+    }
+    Ok(())
+}

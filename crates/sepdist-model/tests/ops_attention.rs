@@ -115,3 +115,40 @@ fn ops_attention_backward_split_over_key_blocks() -> Result<()> {
         Ok(())
     })
 }
+
+/// The in-place backward (dq, dk, dv written over the packed q/k/v) equals the backward into a
+/// new buffer, bitwise, for a few batch·head rows (key blocks split over workers) and many.
+#[test]
+fn ops_attention_backward_in_place_equals_out_of_place() -> Result<()> {
+    use sepdist_model::ops::attention::{
+        flash_attention_packed, flash_attention_packed_backward,
+        flash_attention_packed_backward_in_place,
+    };
+    for (b, h, t, d) in [(1, 1, 300, 8), (2, 3, 37, 4), (4, 4, 70, 16)] {
+        for dtype in [DType::F32, DType::F64] {
+            let qkv = uniform(&[3, b, h, t, d], 21, dtype)?;
+            let scale = (d as f64).powf(-0.5);
+            let res = flash_attention_packed(&qkv, scale)?;
+            let grad = uniform(res.dims(), 22, dtype)?;
+            let out_of_place = flash_attention_packed_backward(&qkv, &res, &grad, scale)?;
+            let in_place =
+                flash_attention_packed_backward_in_place(qkv.copy()?, &res, &grad, scale)?;
+            assert_eq!(in_place.dims(), out_of_place.dims());
+            let a = out_of_place
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let c = in_place
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            assert_eq!(a, c, "{b}×{h}×{t}×{d} {dtype:?}");
+        }
+    }
+    // A view of the packed tensor (not contiguous) is refused, not overwritten.
+    let qkv = uniform(&[3, 1, 2, 8, 4], 3, DType::F32)?;
+    let res = flash_attention_packed(&qkv, 0.5)?;
+    let strided = qkv.transpose(3, 4)?;
+    assert!(flash_attention_packed_backward_in_place(strided, &res, &res, 0.5).is_err());
+    Ok(())
+}

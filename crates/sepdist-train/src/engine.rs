@@ -18,9 +18,10 @@
 //! by [`FlatLayout`]; gradients are accumulated straight into a flat buffer.
 
 use crate::checkpoint::{Fingerprint, HostTensor, ParamInfo};
-use candle_core::{DType, Device, Tensor, TensorId, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use sepdist_model::loss::SeparationLoss;
-use sepdist_model::{ModelError, ParamSpec, Separator};
+use sepdist_model::{ModelError, ParamSpec, SavedForward, Separator};
 use std::collections::BTreeMap;
 
 /// Offsets of the name-sorted parameters in the flat vector.
@@ -131,6 +132,12 @@ enum Kept {
         output: Tensor,
         params: Vec<Tensor>,
     },
+    /// A transformer's own saved tensors for its hand-written backward
+    /// ([`Block::backward_saved`]), and its parameters.
+    Saved {
+        saved: SavedForward,
+        params: Vec<Tensor>,
+    },
     /// Only the untracked input; the forward is recomputed before the backward.
     Input(Tensor),
 }
@@ -156,16 +163,11 @@ pub trait ShardedParams<E> {
 trait Access<E> {
     /// The piece's parameters in [`Engine::piece_params`] order; tracked ones are variables.
     fn fetch(&mut self, engine: &Engine, piece: Piece, tracked: bool) -> Result<Vec<Tensor>, E>;
-    /// The gradients in `grads` of the parameters fetched as tensors `params` (their ids: the
-    /// tensors themselves are dropped first, so that a gathered piece is gone before its
-    /// gradient is handed over).
-    fn deliver(
-        &mut self,
-        engine: &Engine,
-        piece: Piece,
-        params: &[TensorId],
-        grads: &candle_core::backprop::GradStore,
-    ) -> Result<(), E>;
+    /// The gradients of the piece's parameters, in [`Engine::piece_params`] order (`None`:
+    /// no gradient). The parameters' tensors are dropped first, so that a gathered piece is
+    /// gone before its gradient is handed over.
+    fn deliver(&mut self, engine: &Engine, piece: Piece, grads: &[Option<Tensor>])
+    -> Result<(), E>;
     /// Every parameter gradient of `block` has been delivered.
     fn block_done(&mut self, block: usize) -> Result<(), E>;
 }
@@ -189,11 +191,10 @@ where
         &mut self,
         engine: &Engine,
         piece: Piece,
-        params: &[TensorId],
-        grads: &candle_core::backprop::GradStore,
+        grads: &[Option<Tensor>],
     ) -> Result<(), E> {
-        for (&i, &p) in engine.piece_params(piece).iter().zip(params) {
-            if let Some(g) = grads.get_id(p) {
+        for (&i, g) in engine.piece_params(piece).iter().zip(grads) {
+            if let Some(g) = g {
                 let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 for (acc, x) in self.flat_grads[engine.layout.range(i)].iter_mut().zip(g) {
                     *acc += x;
@@ -249,14 +250,13 @@ where
         &mut self,
         engine: &Engine,
         piece: Piece,
-        params: &[TensorId],
-        grads: &candle_core::backprop::GradStore,
+        grads: &[Option<Tensor>],
     ) -> Result<(), E> {
         let ids = engine.piece_params(piece);
         let len = ids.iter().map(|&i| engine.layout.specs[i].numel()).sum();
         let mut out = Vec::with_capacity(len);
-        for (&i, &p) in ids.iter().zip(params) {
-            match grads.get_id(p) {
+        for (&i, g) in ids.iter().zip(grads) {
+            match g {
                 Some(g) => out.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => out.resize(out.len() + engine.layout.specs[i].numel(), 0.0),
             }
@@ -295,8 +295,9 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn tensor_ids(tensors: &[Tensor]) -> Vec<TensorId> {
-    tensors.iter().map(Tensor::id).collect()
+/// The gradients of `params` in `grads`, in their order (views of the store's tensors).
+fn grads_of(params: &[Tensor], grads: &GradStore) -> Vec<Option<Tensor>> {
+    params.iter().map(|p| grads.get(p).cloned()).collect()
 }
 
 fn scalar(t: &Tensor) -> Result<f64, ModelError> {
@@ -574,6 +575,11 @@ impl Engine {
                 let y = block.forward(&access.fetch(self, Piece::Block(i), false)?, &x, &ctx)?;
                 kept.push(Kept::Input(x));
                 x = y;
+            } else if block.has_own_backward(&x, &ctx) {
+                let params = access.fetch(self, Piece::Block(i), false)?;
+                let (y, saved) = block.forward_saved(&params, &x, &ctx)?;
+                kept.push(Kept::Saved { saved, params });
+                x = y;
             } else {
                 // The first block's input is data; later inputs need their gradient.
                 let input = if i == 0 {
@@ -630,9 +636,10 @@ impl Engine {
             }
             let grads = parts.total.backward()?;
             drop((parts, estimate));
-            let ids = tensor_ids(&params);
+            let piece_grads = grads_of(&params, &grads);
             drop(params);
-            access.deliver(self, Piece::HeadSource(s), &ids, &grads)?;
+            access.deliver(self, Piece::HeadSource(s), &piece_grads)?;
+            drop(piece_grads);
             // Detached: the gradient's own graph (it is computed with forward tensors) is of
             // no use and would keep them alive.
             if let Some(gs) = grads.get(head_in.as_tensor()) {
@@ -651,13 +658,31 @@ impl Engine {
         drop(head_in);
         self.mark(EngineEvent::BlockBackward(last));
         for i in (0..last).rev() {
-            let (input, y, params) = match kept.pop() {
-                Some(Kept::Graph {
+            let block = &blocks[i];
+            let kept_i = kept
+                .pop()
+                .ok_or_else(|| ModelError::Input("block bookkeeping out of step".into()))?;
+            let (input, y, params) = match kept_i {
+                Kept::Graph {
                     input,
                     output,
                     params,
-                }) => (input, output, params),
-                Some(Kept::Input(x)) => {
+                } => (input, output, params),
+                Kept::Saved { saved, params } => {
+                    let (dx, grads) = block.backward_saved(&params, saved, g, &ctx)?;
+                    drop(params);
+                    g = self.own_backward_done(access, i, dx, grads)?;
+                    continue;
+                }
+                Kept::Input(x) if block.has_own_backward(&x, &ctx) => {
+                    // The hand-written backward reruns the forward itself, without a graph.
+                    let params = access.fetch(self, Piece::Block(i), false)?;
+                    let (dx, grads) = block.backward_recomputed(&params, &x, g, &ctx)?;
+                    drop((params, x));
+                    g = self.own_backward_done(access, i, dx, grads)?;
+                    continue;
+                }
+                Kept::Input(x) => {
                     // Recompute: the same forward, now tracked.
                     let input = if i == 0 {
                         None
@@ -666,17 +691,15 @@ impl Engine {
                     };
                     let arg = input.as_ref().map_or(&x, |v| v.as_tensor());
                     let params = access.fetch(self, Piece::Block(i), true)?;
-                    let y = blocks[i].forward(&params, arg, &ctx)?;
+                    let y = block.forward(&params, arg, &ctx)?;
                     (input, y, params)
-                }
-                None => {
-                    return Err(ModelError::Input("block bookkeeping out of step".into()).into());
                 }
             };
             let grads = (y * &g)?.sum_all()?.backward()?;
-            let ids = tensor_ids(&params);
+            let piece_grads = grads_of(&params, &grads);
             drop(params);
-            access.deliver(self, Piece::Block(i), &ids, &grads)?;
+            access.deliver(self, Piece::Block(i), &piece_grads)?;
+            drop(piece_grads);
             access.block_done(i)?;
             if let Some(v) = &input {
                 g = match grads.get(v.as_tensor()) {
@@ -688,6 +711,23 @@ impl Engine {
             self.mark(EngineEvent::BlockBackward(i));
         }
         Ok(values)
+    }
+
+    /// After block `i`'s hand-written backward: delivers its parameters' gradients and
+    /// returns its input's gradient `dx` (the next `g`).
+    fn own_backward_done<E: From<ModelError> + From<candle_core::Error>>(
+        &self,
+        access: &mut impl Access<E>,
+        i: usize,
+        dx: Tensor,
+        grads: Vec<Tensor>,
+    ) -> Result<Tensor, E> {
+        let grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
+        access.deliver(self, Piece::Block(i), &grads)?;
+        drop(grads);
+        access.block_done(i)?;
+        self.mark(EngineEvent::BlockBackward(i));
+        Ok(dx)
     }
 
     /// Loss of one batch without gradients (validation), and the estimate it scored.

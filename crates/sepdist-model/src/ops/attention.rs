@@ -68,6 +68,25 @@ pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The backward of [`flash_attention_packed`] without a graph (the fused op's, on the CPU):
+/// the packed `[3, B, H, T, Dh]` (dq, dk, dv) from the op's output `res` (output ‖
+/// log-sum-exp) and its gradient. For a block's hand-written backward.
+pub fn flash_attention_packed_backward(
+    qkv: &Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = FlashAttnBwd {
+        scale,
+        res: res.contiguous()?,
+        grad: grad.contiguous()?,
+    };
+    // `[3, B, H, T, Dh]` = (dq, dk, dv): the packed gradient as is.
+    let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+    q.apply_op3_no_bwd(&k, &v, &op)
+}
+
 /// The plain composition `softmax(scale · q kᵀ) v` (materialises the scores); for tests and
 /// benchmarks. Same shapes as [`flash_attention`].
 pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -214,14 +233,89 @@ impl CustomOp1 for FlashAttnPacked {
         if !qkv.track_op() {
             return Ok(None);
         }
-        let op = FlashAttnBwd {
-            scale: self.scale,
-            res: res.contiguous()?,
-            grad: grad_res.contiguous()?,
+        flash_attention_packed_backward(qkv, res, grad_res, self.scale).map(Some)
+    }
+}
+
+/// [`flash_attention_packed_backward`] writing (dq, dk, dv) over `qkv`'s own storage and
+/// returning it as the gradient: no second `[3, B, H, T, Dh]` buffer. `qkv` is taken because it
+/// is overwritten: the caller must hold no other tensor on its storage (a block's hand-written
+/// backward, where q/k/v are its own and not needed after this).
+pub fn flash_attention_packed_backward_in_place(
+    qkv: Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, _, _, t, d) = qkv.dims5()?;
+    if !qkv.device().is_cpu() || !qkv.is_contiguous() {
+        return Err(Error::Msg(
+            "flash attention backward in place: q/k/v must be contiguous on the CPU".into(),
+        ));
+    }
+    let op = FlashAttnBwdInPlace { scale, t, d };
+    qkv.inplace_op3(&res.contiguous()?, &grad.contiguous()?, &op)?;
+    Ok(qkv)
+}
+
+/// In-place backward op: `qkv` (overwritten with (dq, dk, dv)), the forward result and its
+/// gradient.
+struct FlashAttnBwdInPlace {
+    scale: f64,
+    t: usize,
+    d: usize,
+}
+
+impl candle_core::InplaceOp3 for FlashAttnBwdInPlace {
+    fn name(&self) -> &'static str {
+        "flash-attention-bwd-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let name = self.name();
+        let (start, end) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Msg(format!("{name}: expected a contiguous input")))?;
+        let (t, d) = (self.t, self.d);
+        let check = |qkv: usize, o: usize, g: usize| {
+            if o != qkv / 3 / d * (d + 1) || g != o {
+                Err(Error::Msg(format!(
+                    "{name}: saved tensors have the wrong size"
+                )))
+            } else {
+                Ok(())
+            }
         };
-        // `[3, B, H, T, Dh]` = (dq, dk, dv): the packed gradient as is.
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
+        match s1 {
+            CpuStorage::F32(v) => {
+                let qkv = v
+                    .get_mut(start..end)
+                    .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
+                let o = contiguous_slice::<f32>(s2, l2, name)?;
+                let g = contiguous_slice::<f32>(s3, l3, name)?;
+                check(qkv.len(), o.len(), g.len())?;
+                flash_bwd_cpu_in_place(qkv, o, g, t, d, cast(self.scale));
+            }
+            CpuStorage::F64(v) => {
+                let qkv = v
+                    .get_mut(start..end)
+                    .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
+                let o = contiguous_slice::<f64>(s2, l2, name)?;
+                let g = contiguous_slice::<f64>(s3, l3, name)?;
+                check(qkv.len(), o.len(), g.len())?;
+                flash_bwd_cpu_in_place(qkv, o, g, t, d, self.scale);
+            }
+            s => return Err(unsupported_dtype(name, s.dtype())),
+        }
+        Ok(())
     }
 }
 
@@ -411,62 +505,61 @@ fn flash_bwd_cpu<T: Real>(
         .zip(dv_all.par_chunks_mut(t * d))
         .enumerate()
         .for_each(|(b, ((dq, dk), dv))| {
-            let qb = &q[b * t * d..(b + 1) * t * d];
-            let kb = &k[b * t * d..(b + 1) * t * d];
-            let vb = &v[b * t * d..(b + 1) * t * d];
-            let ob = &o[b * t * dd..(b + 1) * t * dd];
-            let gb = &g[b * t * dd..(b + 1) * t * dd];
-            let delta: Vec<T> = (0..t)
-                .map(|i| {
-                    let (orow, grow) = (&ob[i * dd..(i + 1) * dd], &gb[i * dd..(i + 1) * dd]);
-                    let dot = orow[..d]
-                        .iter()
-                        .zip(&grow[..d])
-                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
-                    dot - grow[d]
-                })
-                .collect();
-            // Few batch·head rows (short batches, tests): split the key blocks of each row
-            // over several workers too, each with a private dq partial summed at the end.
-            let blocks = t.div_ceil(BLOCK_K);
-            let groups = rayon::current_num_threads().div_ceil(bh).clamp(1, blocks);
-            let keys_per_group = blocks.div_ceil(groups) * BLOCK_K;
             let rows = Rows {
-                q: qb,
-                k: kb,
-                v: vb,
-                o: ob,
-                g: gb,
-                delta: &delta,
+                q: &q[b * t * d..(b + 1) * t * d],
+                k: &k[b * t * d..(b + 1) * t * d],
+                v: &v[b * t * d..(b + 1) * t * d],
+                o: &o[b * t * dd..(b + 1) * t * dd],
+                g: &g[b * t * dd..(b + 1) * t * dd],
+                delta: &[],
                 t,
                 d,
                 scale,
             };
-            if groups == 1 {
-                rows.key_range(0, dk, dv, dq);
-                return;
-            }
-            let partials: Vec<Vec<T>> = dk
-                .par_chunks_mut(keys_per_group * d)
-                .zip(dv.par_chunks_mut(keys_per_group * d))
-                .enumerate()
-                .map(|(gi, (dk_g, dv_g))| {
-                    let mut dq_part = vec![T::zero(); t * d];
-                    rows.key_range(gi * keys_per_group, dk_g, dv_g, &mut dq_part);
-                    dq_part
-                })
-                .collect();
-            for part in partials {
-                for (a, b) in dq.iter_mut().zip(part) {
-                    *a += b;
-                }
-            }
+            rows.backward(bh, dq, dk, dv);
         });
     out
 }
 
+/// [`flash_bwd_cpu`] writing (dq, dk, dv) over the packed `qkv` (`[q | k | v]`) it reads: each
+/// batch·head row copies its own q, k, v before overwriting them (rows are independent), so
+/// the only extra memory is one row's copy per worker.
+fn flash_bwd_cpu_in_place<T: Real>(qkv: &mut [T], o: &[T], g: &[T], t: usize, d: usize, scale: T) {
+    let dd = d + 1;
+    let n = qkv.len() / 3;
+    let bh = n / (t * d);
+    let (q_all, rest) = qkv.split_at_mut(n);
+    let (k_all, v_all) = rest.split_at_mut(n);
+    q_all
+        .par_chunks_mut(t * d)
+        .zip(k_all.par_chunks_mut(t * d))
+        .zip(v_all.par_chunks_mut(t * d))
+        .enumerate()
+        .for_each(|(b, ((q, k), v))| {
+            let copy: Vec<T> = q.iter().chain(k.iter()).chain(v.iter()).copied().collect();
+            let (qb, rest) = copy.split_at(t * d);
+            let (kb, vb) = rest.split_at(t * d);
+            for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *x = T::zero();
+            }
+            let rows = Rows {
+                q: qb,
+                k: kb,
+                v: vb,
+                o: &o[b * t * dd..(b + 1) * t * dd],
+                g: &g[b * t * dd..(b + 1) * t * dd],
+                delta: &[],
+                t,
+                d,
+                scale,
+            };
+            rows.backward(bh, q, k, v);
+        });
+}
+
 /// One batch·head row of the backward: inputs `[T, d]`, saved output and its gradient
 /// `[T, d+1]` (lse / lse gradient in the last column), and `D_i`.
+#[derive(Clone, Copy)]
 struct Rows<'a, T> {
     q: &'a [T],
     k: &'a [T],
@@ -480,6 +573,49 @@ struct Rows<'a, T> {
 }
 
 impl<T: Real> Rows<'_, T> {
+    /// The row's whole backward into zeroed `dq`, `dk`, `dv` (`bh` rows in all).
+    fn backward(&self, bh: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+        let (t, d, dd) = (self.t, self.d, self.d + 1);
+        let delta: Vec<T> = (0..t)
+            .map(|i| {
+                let (orow, grow) = (&self.o[i * dd..(i + 1) * dd], &self.g[i * dd..(i + 1) * dd]);
+                let dot = orow[..d]
+                    .iter()
+                    .zip(&grow[..d])
+                    .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                dot - grow[d]
+            })
+            .collect();
+        let rows = Rows {
+            delta: &delta,
+            ..*self
+        };
+        // Few batch·head rows (short batches, tests): split the key blocks of each row
+        // over several workers too, each with a private dq partial summed at the end.
+        let blocks = t.div_ceil(BLOCK_K);
+        let groups = rayon::current_num_threads().div_ceil(bh).clamp(1, blocks);
+        let keys_per_group = blocks.div_ceil(groups) * BLOCK_K;
+        if groups == 1 {
+            rows.key_range(0, dk, dv, dq);
+            return;
+        }
+        let partials: Vec<Vec<T>> = dk
+            .par_chunks_mut(keys_per_group * d)
+            .zip(dv.par_chunks_mut(keys_per_group * d))
+            .enumerate()
+            .map(|(gi, (dk_g, dv_g))| {
+                let mut dq_part = vec![T::zero(); t * d];
+                rows.key_range(gi * keys_per_group, dk_g, dv_g, &mut dq_part);
+                dq_part
+            })
+            .collect();
+        for part in partials {
+            for (a, b) in dq.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+    }
+
     /// Gradients from the keys `k_start .. k_start + dk.len()/d`: writes their `dk`, `dv`
     /// (slices of that range) and accumulates into `dq` (`[T, d]`).
     fn key_range(&self, k_start: usize, dk: &mut [T], dv: &mut [T], dq: &mut [T]) {

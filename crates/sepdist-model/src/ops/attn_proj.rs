@@ -196,6 +196,61 @@ pub fn out_proj_residual_composed(
 }
 
 /// Forward op of [`qkv_rope`]: `(hn, w)` → `[3, S, H, L, Dh]`.
+/// The backward of [`qkv_rope`] without a graph (the fused op's, on the CPU): `(d hn, d w)`
+/// for the gradient `grad` of its `[3, S, H, L, Dh]` output. For a block's hand-written
+/// backward: `grad` is dropped once unpacked into the projection's rows, and `hn` is asked for
+/// only then (it may be recomputed), so the two are never held together.
+pub fn qkv_rope_backward(
+    hn: impl FnOnce() -> Result<Tensor>,
+    w: &Tensor,
+    rope: &Rope,
+    seq: SeqLayout,
+    heads: usize,
+    grad: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (cos, sin) = rope.tables();
+    let op = QkvRope {
+        shape: Heads {
+            seq,
+            heads,
+            head_dim: rope.head_dim(),
+        },
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    };
+    let gq = op.unpack(&grad)?;
+    drop(grad);
+    match QkvRope::project_back(&gq, &hn()?, w, true, true)? {
+        (Some(dhn), Some(dw)) => Ok((dhn, dw)),
+        _ => Err(Error::Msg("qkv_rope_backward: no gradient".into())),
+    }
+}
+
+/// The backward of [`out_proj_residual`] without a graph (the fused op's, on the CPU):
+/// `(d fo, d wo)`; the residual input's gradient is `grad` itself.
+pub fn out_proj_residual_backward(
+    fo: &Tensor,
+    wo: &Tensor,
+    seq: SeqLayout,
+    head_dim: usize,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (_, heads, _, e) = fo.dims4()?;
+    let op = OutProj {
+        shape: Heads {
+            seq,
+            heads,
+            head_dim,
+        },
+        width: e,
+        d: wo.dim(0)?,
+    };
+    match op.backward(fo, wo, grad, true, true)? {
+        (Some(dfo), Some(dwo)) => Ok((dfo, dwo)),
+        _ => Err(Error::Msg("out_proj_residual_backward: no gradient".into())),
+    }
+}
+
 struct QkvRope {
     shape: Heads,
     /// RoPE tables `[max_len, Dh]` (each pair's value twice).
@@ -203,15 +258,108 @@ struct QkvRope {
     sin: Tensor,
 }
 
+/// Row chunks of the QKV projection: its `[rows, 3·I]` matmul result is a temporary of the
+/// kernel, made for about this fraction of the rows at a time.
+const QKV_CHUNKS: usize = 8;
+
 impl QkvRope {
-    fn pack<T: Real>(&self, qkv: &[T]) -> Result<Vec<T>> {
+    /// The projection `hn · wᵀ` rotated and packed into `[3, S, H, L, Dh]`, computed for
+    /// groups of whole sequences at a time (rows `(a, l, c)` for a range of `a`), so that the
+    /// unpacked projection never exists for all rows at once.
+    fn forward<T: Real>(
+        &self,
+        hn: &CpuStorage,
+        hn_offset: usize,
+        w: &CpuStorage,
+        w_offset: usize,
+        d: usize,
+    ) -> Result<Vec<T>> {
         let name = "qkv-rope";
+        let Heads {
+            seq,
+            heads,
+            head_dim: dh,
+        } = self.shape;
+        let i = self.shape.inner();
+        let per_outer = seq.len * seq.inner;
+        let block = seq.inner * heads * seq.len * dh; // one `a`'s elements in each part
+        let part_len = seq.outer * block;
+        let mut out = vec![T::zero(); 3 * part_len];
+        let step = seq.outer.div_ceil(QKV_CHUNKS).max(1);
         super::cpu::with_slice::<T, _>(&self.cos, name, |cos| {
             super::cpu::with_slice::<T, _>(&self.sin, name, |sin| {
-                Ok(rope_pack(qkv, cos, sin, self.shape, false))
+                for a0 in (0..seq.outer).step_by(step) {
+                    let a1 = (a0 + step).min(seq.outer);
+                    let rows = (a1 - a0) * per_outer;
+                    let chunk = matmul_cpu(
+                        hn,
+                        hn_offset + a0 * per_outer * d,
+                        w,
+                        w_offset,
+                        true,
+                        rows,
+                        3 * i,
+                        d,
+                    )?;
+                    let src = chunk.as_slice::<T>()?;
+                    let sub = Heads {
+                        seq: SeqLayout {
+                            outer: a1 - a0,
+                            ..seq
+                        },
+                        ..self.shape
+                    };
+                    for part in 0..3 {
+                        let at = part * part_len;
+                        let dst = &mut out[at + a0 * block..at + a1 * block];
+                        rope_pack_part(src, cos, sin, sub, part, dst);
+                    }
+                }
+                Ok(())
             })
-        })
+        })?;
+        Ok(out)
     }
+}
+
+/// Part `part` (q, k or v) of the rotated and packed projection `src` (`[rows, 3·I]` of
+/// `shape`'s rows) into `dst` (`[S, H, L, Dh]`): RoPE on q and k, v copied.
+fn rope_pack_part<T: Real>(
+    src: &[T],
+    cos: &[T],
+    sin: &[T],
+    shape: Heads,
+    part: usize,
+    dst: &mut [T],
+) {
+    let Heads {
+        seq,
+        heads,
+        head_dim: dh,
+    } = shape;
+    let i = heads * dh;
+    // One (sequence, head) block of `[L, Dh]` per work item.
+    dst.par_chunks_mut(seq.len * dh)
+        .enumerate()
+        .for_each(|(idx, dst)| {
+            let head = idx % heads;
+            let s = idx / heads;
+            for l in 0..seq.len {
+                let at = seq.row(s, l) * 3 * i + part * i + head * dh;
+                let x = &src[at..at + dh];
+                let y = &mut dst[l * dh..(l + 1) * dh];
+                if part == 2 {
+                    y.copy_from_slice(x);
+                } else {
+                    let (c, sn) = (&cos[l * dh..(l + 1) * dh], &sin[l * dh..(l + 1) * dh]);
+                    for p in 0..dh / 2 {
+                        let (x0, x1) = (x[2 * p], x[2 * p + 1]);
+                        y[2 * p] = x0 * c[2 * p] - x1 * sn[2 * p];
+                        y[2 * p + 1] = x1 * c[2 * p + 1] + x0 * sn[2 * p + 1];
+                    }
+                }
+            }
+        });
 }
 
 impl CustomOp2 for QkvRope {
@@ -232,23 +380,12 @@ impl CustomOp2 for QkvRope {
             heads,
             head_dim,
         } = self.shape;
-        let i = self.shape.inner();
         let d = l2.dims()[1];
-        // The `[rows, 3·I]` projection is a temporary of the kernel.
-        let qkv = matmul_cpu(
-            s1,
-            contiguous_offset(l1, name)?,
-            s2,
-            contiguous_offset(l2, name)?,
-            true,
-            seq.rows(),
-            3 * i,
-            d,
-        )?;
-        let out = match &qkv {
-            CpuStorage::F32(v) => CpuStorage::F32(self.pack(v)?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.pack(v)?),
-            s => return Err(unsupported_dtype(name, s.dtype())),
+        let (o1, o2) = (contiguous_offset(l1, name)?, contiguous_offset(l2, name)?);
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward::<f32>(s1, o1, s2, o2, d)?),
+            DType::F64 => CpuStorage::F64(self.forward::<f64>(s1, o1, s2, o2, d)?),
+            dt => return Err(unsupported_dtype(name, dt)),
         };
         Ok((
             out,
@@ -263,48 +400,72 @@ impl CustomOp2 for QkvRope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.backward(hn, w, grad, hn.track_op(), w.track_op())
+    }
+}
+
+impl QkvRope {
+    fn backward(
+        &self,
+        hn: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        want_dhn: bool,
+        want_dw: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gq = self.unpack(grad)?;
+        Self::project_back(&gq, hn, w, want_dhn, want_dw)
+    }
+
+    /// The gradient of the projection, `[rows, 3·I]`: inverse rotation, rows order.
+    fn unpack(&self, grad: &Tensor) -> Result<Tensor> {
         let name = "qkv-rope-bwd";
         let i = self.shape.inner();
         let rows = self.shape.seq.rows();
-        let d = w.dim(1)?;
         let grad = grad.contiguous()?;
-        // The gradient of the projection, `[rows, 3·I]`: inverse rotation, rows order.
-        let unpack = |cos: &Tensor, sin: &Tensor| {
-            map_tensor(
-                &grad,
-                (rows, 3 * i),
-                name,
-                |g| {
-                    super::cpu::with_slice::<f32, _>(cos, name, |c| {
-                        super::cpu::with_slice::<f32, _>(sin, name, |s| {
-                            Ok(rope_pack(g, c, s, self.shape, true))
-                        })
+        let (cos, sin) = (&self.cos, &self.sin);
+        map_tensor(
+            &grad,
+            (rows, 3 * i),
+            name,
+            |g| {
+                super::cpu::with_slice::<f32, _>(cos, name, |c| {
+                    super::cpu::with_slice::<f32, _>(sin, name, |s| {
+                        Ok(rope_unpack(g, c, s, self.shape))
                     })
-                },
-                |g| {
-                    super::cpu::with_slice::<f64, _>(cos, name, |c| {
-                        super::cpu::with_slice::<f64, _>(sin, name, |s| {
-                            Ok(rope_pack(g, c, s, self.shape, true))
-                        })
+                })
+            },
+            |g| {
+                super::cpu::with_slice::<f64, _>(cos, name, |c| {
+                    super::cpu::with_slice::<f64, _>(sin, name, |s| {
+                        Ok(rope_unpack(g, c, s, self.shape))
                     })
-                },
-            )
-        };
-        let gq = unpack(&self.cos, &self.sin)?;
+                })
+            },
+        )
+    }
+
+    /// `(d hn, d w)` from the projection's gradient `gq` `[rows, 3·I]`.
+    fn project_back(
+        gq: &Tensor,
+        hn: &Tensor,
+        w: &Tensor,
+        want_dhn: bool,
+        want_dw: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = (gq.dim(0)?, w.dim(1)?);
         let hn2 = hn.detach().reshape((rows, d))?;
-        let dw = w.track_op().then(|| gq.t()?.matmul(&hn2)).transpose()?;
-        let dhn = hn
-            .track_op()
+        let dw = want_dw.then(|| gq.t()?.matmul(&hn2)).transpose()?;
+        let dhn = want_dhn
             .then(|| gq.matmul(&w.detach())?.reshape(hn.shape()))
             .transpose()?;
         Ok((dhn, dw))
     }
 }
 
-/// Forward (`inverse == false`): the projection `[rows, 3·I]` → `[3, S, H, L, Dh]`, q and k
-/// rotated. Backward (`inverse == true`): the gradient `[3, S, H, L, Dh]` → `[rows, 3·I]`
-/// through the transposed rotation.
-fn rope_pack<T: Real>(src: &[T], cos: &[T], sin: &[T], shape: Heads, inverse: bool) -> Vec<T> {
+/// The backward of the packing: the gradient `[3, S, H, L, Dh]` → `[rows, 3·I]` through the
+/// transposed rotation (the forward is [`rope_pack_part`]).
+fn rope_unpack<T: Real>(src: &[T], cos: &[T], sin: &[T], shape: Heads) -> Vec<T> {
     let Heads {
         seq,
         heads,
@@ -313,64 +474,33 @@ fn rope_pack<T: Real>(src: &[T], cos: &[T], sin: &[T], shape: Heads, inverse: bo
     let i = heads * dh;
     let n = seq.sequences();
     let mut out = vec![T::zero(); src.len()];
-    // Rotates the pair (x0, x1) by the angle of `(c, s)`, or by its opposite.
-    let rotate = |x: &[T], c: &[T], s: &[T], y: &mut [T]| {
-        for p in 0..dh / 2 {
-            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
-            let (c0, c1, s0, s1) = (c[2 * p], c[2 * p + 1], s[2 * p], s[2 * p + 1]);
-            if inverse {
-                y[2 * p] = x0 * c0 + x1 * s1;
-                y[2 * p + 1] = x1 * c1 - x0 * s0;
-            } else {
-                y[2 * p] = x0 * c0 - x1 * s0;
-                y[2 * p + 1] = x1 * c1 + x0 * s1;
-            }
-        }
-    };
-    if !inverse {
-        // One (part, sequence, head) block of `[L, Dh]` per work item.
-        out.par_chunks_mut(seq.len * dh)
-            .enumerate()
-            .for_each(|(idx, dst)| {
-                let head = idx % heads;
-                let s = (idx / heads) % n;
-                let part = idx / (heads * n);
-                for l in 0..seq.len {
-                    let at = seq.row(s, l) * 3 * i + part * i + head * dh;
-                    let x = &src[at..at + dh];
-                    let y = &mut dst[l * dh..(l + 1) * dh];
+    // One row of `[3·I]` per work item.
+    let (len, inner) = (seq.len, seq.inner);
+    out.par_chunks_mut(3 * i)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let c = row % inner;
+            let l = (row / inner) % len;
+            let s = (row / (inner * len)) * inner + c;
+            for part in 0..3 {
+                for head in 0..heads {
+                    let at = (((part * n + s) * heads + head) * len + l) * dh;
+                    let g = &src[at..at + dh];
+                    let y = &mut dst[part * i + head * dh..part * i + (head + 1) * dh];
                     if part == 2 {
-                        y.copy_from_slice(x);
+                        y.copy_from_slice(g);
                     } else {
-                        let t = &cos[l * dh..(l + 1) * dh];
-                        rotate(x, t, &sin[l * dh..(l + 1) * dh], y);
-                    }
-                }
-            });
-    } else {
-        // One row of `[3·I]` per work item.
-        let (len, inner) = (seq.len, seq.inner);
-        out.par_chunks_mut(3 * i)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let c = row % inner;
-                let l = (row / inner) % len;
-                let s = (row / (inner * len)) * inner + c;
-                for part in 0..3 {
-                    for head in 0..heads {
-                        let at = (((part * n + s) * heads + head) * len + l) * dh;
-                        let g = &src[at..at + dh];
-                        let y = &mut dst[part * i + head * dh..part * i + (head + 1) * dh];
-                        if part == 2 {
-                            y.copy_from_slice(g);
-                        } else {
-                            let t = &cos[l * dh..(l + 1) * dh];
-                            rotate(g, t, &sin[l * dh..(l + 1) * dh], y);
+                        let (cs, sn) = (&cos[l * dh..(l + 1) * dh], &sin[l * dh..(l + 1) * dh]);
+                        // Rotation by the opposite angle.
+                        for p in 0..dh / 2 {
+                            let (x0, x1) = (g[2 * p], g[2 * p + 1]);
+                            y[2 * p] = x0 * cs[2 * p] + x1 * sn[2 * p + 1];
+                            y[2 * p + 1] = x1 * cs[2 * p + 1] - x0 * sn[2 * p];
                         }
                     }
                 }
-            });
-    }
+            }
+        });
     out
 }
 
@@ -490,12 +620,28 @@ impl CustomOp3 for OutProj {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dfo, dwo) = self.backward(fo, wo, grad, fo.track_op(), wo.track_op())?;
+        let dx = x.track_op().then(|| grad.clone());
+        Ok((dfo, dwo, dx))
+    }
+}
+
+impl OutProj {
+    /// `(d fo, d wo)`; the residual's gradient is `grad` itself.
+    fn backward(
+        &self,
+        fo: &Tensor,
+        wo: &Tensor,
+        grad: &Tensor,
+        want_dfo: bool,
+        want_dwo: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "out-proj-residual-bwd";
         let rows = self.shape.seq.rows();
         let i = self.shape.inner();
         let g2 = grad.contiguous()?.reshape((rows, self.d))?;
         // dwo = gᵀ·o, with o gathered again (a temporary).
-        let dwo = if wo.track_op() {
+        let dwo = if want_dwo {
             let o = map_tensor(
                 fo,
                 (rows, i),
@@ -507,7 +653,7 @@ impl CustomOp3 for OutProj {
         } else {
             None
         };
-        let dfo = if fo.track_op() {
+        let dfo = if want_dfo {
             let d_o = g2.matmul(&wo.detach())?;
             Some(map_tensor(
                 &d_o,
@@ -519,7 +665,6 @@ impl CustomOp3 for OutProj {
         } else {
             None
         };
-        let dx = x.track_op().then(|| grad.clone());
-        Ok((dfo, dwo, dx))
+        Ok((dfo, dwo))
     }
 }

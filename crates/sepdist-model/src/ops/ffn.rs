@@ -43,6 +43,68 @@ pub fn gelu_linear_bias_composed(h: &Tensor, w: &Tensor, b: &Tensor) -> Result<T
     linear_bias_composed(&h.gelu_erf()?, w, b)
 }
 
+/// The backward of [`linear_bias`] without a graph (the fused op's, on the CPU): `(dx, dw,
+/// db)` for the output's gradient `grad`. For a block's hand-written backward.
+pub fn linear_bias_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fused_backward(x, w, b, grad, false)
+}
+
+/// The backward of [`gelu_linear_bias`] without a graph, as [`linear_bias_backward`].
+pub fn gelu_linear_bias_backward(
+    h: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fused_backward(h, w, b, grad, true)
+}
+
+/// [`linear_bias_backward`] taking `x` and `grad` by value: `x` is dropped once `dw` is
+/// computed and `grad` once `dx` is, so that `x` and `dx` are never held together. The same
+/// products as the fused op's backward.
+pub fn linear_bias_backward_owned(
+    x: Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (rows, din, dout) = dims(&x, w, b)?;
+    let shape = x.shape().clone();
+    let g = grad.contiguous()?.reshape((rows, dout))?;
+    drop(grad);
+    let dw = g.t()?.matmul(&x.reshape((rows, din))?)?;
+    drop(x);
+    let db = g.sum(0)?;
+    let dx = g.matmul(&w.detach())?.reshape(shape)?;
+    Ok((dx, dw, db))
+}
+
+fn fused_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    gelu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (rows, din, dout) = dims(x, w, b)?;
+    let op = Linear {
+        rows,
+        din,
+        dout,
+        gelu,
+        shape: grad.shape().clone(),
+    };
+    match op.backward(x, w, grad, [true; 3])? {
+        (Some(dx), Some(dw), Some(db)) => Ok((dx, dw, db)),
+        _ => Err(Error::Msg("linear_bias_backward: no gradient".into())),
+    }
+}
+
 fn dims(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
     let (dout, din) = w.dims2()?;
     if x.dims().last() != Some(&din) || b.dims() != [dout] || x.elem_count() == 0 {
@@ -199,6 +261,19 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, grad, [x.track_op(), w.track_op(), b.track_op()])
+    }
+}
+
+impl Linear {
+    /// `(dx, dw, db)`, each computed when `want` says so.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        want: [bool; 3],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let name = if self.gelu {
             "gelu-linear-bwd"
         } else {
@@ -207,7 +282,7 @@ impl CustomOp3 for Linear {
         let g = grad.contiguous()?.reshape((self.rows, self.dout))?;
         let x2 = x.detach().reshape((self.rows, self.din))?;
         // dw = gᵀ · act(x); the activation is recomputed, a temporary.
-        let dw = if w.track_op() {
+        let dw = if want[1] {
             Some(if self.gelu {
                 let a = map_tensor(
                     &x2,
@@ -223,8 +298,8 @@ impl CustomOp3 for Linear {
         } else {
             None
         };
-        let db = b.track_op().then(|| g.sum(0)).transpose()?;
-        let dx = if x.track_op() {
+        let db = want[2].then(|| g.sum(0)).transpose()?;
+        let dx = if want[0] {
             let da = g.matmul(&w.detach())?;
             Some(if self.gelu {
                 // dh = da ∘ gelu'(h), into a new buffer (the product's own).

@@ -130,27 +130,57 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = RmsNormBwd {
-            eps: self.eps,
-            groups: self.groups,
-        };
-        // One buffer: dx then dγ.
-        let packed = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &op)?;
-        let n = x.elem_count();
-        let dx = x
-            .track_op()
-            .then(|| packed.narrow(0, 0, n)?.reshape(x.shape()))
-            .transpose()?;
-        let dgamma = gamma
-            .track_op()
-            .then(|| {
-                packed
-                    .narrow(0, n, gamma.elem_count())?
-                    .reshape(gamma.shape())
-            })
-            .transpose()?;
-        Ok((dx, dgamma))
+        backward_tensors(
+            x,
+            gamma,
+            grad,
+            self.eps,
+            self.groups,
+            x.track_op(),
+            gamma.track_op(),
+        )
     }
+}
+
+/// The backward of [`rms_norm`] without a graph: `(dx, dγ)` for the output's gradient `grad`
+/// (on the CPU, where the fused op runs; a block's hand-written backward calls it).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    match backward_tensors(x, gamma, grad, eps, 1, true, true)? {
+        // dγ copied out: a view would keep the whole buffer (dx's size) alive with it.
+        (Some(dx), Some(dgamma)) => Ok((dx, dgamma.copy()?)),
+        _ => Err(Error::Msg("rms_norm_backward: no gradient".into())),
+    }
+}
+
+fn backward_tensors(
+    x: &Tensor,
+    gamma: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+    groups: usize,
+    want_dx: bool,
+    want_dgamma: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let op = RmsNormBwd { eps, groups };
+    // One buffer: dx then dγ.
+    let packed = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &op)?;
+    let n = x.elem_count();
+    let dx = want_dx
+        .then(|| packed.narrow(0, 0, n)?.reshape(x.shape()))
+        .transpose()?;
+    let dgamma = want_dgamma
+        .then(|| {
+            packed
+                .narrow(0, n, gamma.elem_count())?
+                .reshape(gamma.shape())
+        })
+        .transpose()?;
+    Ok((dx, dgamma))
 }
 
 /// Backward op: `(x, gamma, grad)` → `[numel(x) + numel(gamma)]` = (dx, dγ) flattened.

@@ -327,20 +327,24 @@ fn transformer_body(t: &mut Tape, s: &Shapes, xs: Id, time: bool, tracked: bool)
     let w2 = p(t, d * ffn);
     let b2 = p(t, d);
     let es = s.es;
-    // Attention: the QKV kernel permutes its `[rows, 3·I]` matmul result (a temporary).
+    // Attention: the QKV kernel permutes its `[rows, 3·I]` matmul result, made for one chunk
+    // of sequences at a time (a temporary).
     let hn = rms_norm(t, xs, g1, d);
     let qkv = t.fused(
         Fused::QkvRope,
         &[hn, wqkv],
         3 * rows_inner,
-        3 * rows_inner * es,
+        layer(s, time).qkv_scratch,
     );
+    // Each intermediate's handle is dropped after its last use (freed when untracked).
+    t.drop_local(hn);
     let fo = t.fused(
         Fused::FlashPacked,
         &[qkv],
         rows_inner / s.head_dim * (s.head_dim + 1),
         0,
     );
+    t.drop_local(qkv);
     // The output projection gathers `o` into rows (a temporary) for its matmul.
     let xs = t.fused(
         Fused::OutProj { rows_inner },
@@ -348,13 +352,344 @@ fn transformer_body(t: &mut Tape, s: &Shapes, xs: Id, time: bool, tracked: bool)
         u,
         rows_inner * es,
     );
+    t.drop_local(fo);
     // Feed-forward: GELU of the hidden layer is a temporary of the second kernel.
     let hn = rms_norm(t, xs, g2, d);
     let h = t.fused(Fused::Linear { gelu: false }, &[hn, w1, b1], hid, 0);
+    t.drop_local(hn);
     let out = t.fused(Fused::Linear { gelu: true }, &[h, w2, b2], u, hid * es);
+    t.drop_local(h);
     let y = t.binary(Bin::Add, xs, out);
     t.end(&[y]);
     y
+}
+
+/// What `Block::forward_saved` keeps for `Block::backward_saved` (handles in custody), with
+/// the parameters the engine holds from the forward to the backward.
+pub(crate) struct Saved {
+    params: [Id; 8],
+    x: Id,
+    hn: Id,
+    qkv: Id,
+    fo: Id,
+    xs: Id,
+    hn2: Id,
+    hid: Id,
+}
+
+/// Element counts of a transformer's tensors.
+struct Layer {
+    u: u64,
+    d: u64,
+    ffn: u64,
+    hid: u64,
+    inner: u64,
+    rows_inner: u64,
+    /// The attention output ‖ log-sum-exp.
+    fo: u64,
+    /// Bytes of the QKV kernel's temporary: the `[rows, 3·I]` projection of one chunk of
+    /// whole sequences (`attn_proj::QKV_CHUNKS`).
+    qkv_scratch: u64,
+}
+
+/// `attn_proj`'s `QKV_CHUNKS`.
+const QKV_CHUNKS: u64 = 8;
+
+fn layer(s: &Shapes, time: bool) -> Layer {
+    let u = s.unit();
+    let d = s.dim;
+    let rows = u / d;
+    let ffn = s.ffn[usize::from(!time)];
+    let inner = s.heads * s.head_dim;
+    // Rows `(a, l, c)`: the time transformer's `a` is the batch, the band transformer's the
+    // batch × frames.
+    let outer = if time { s.b } else { s.b * s.frames };
+    let per_outer = rows / outer.max(1);
+    let chunk_rows = outer.div_ceil(QKV_CHUNKS).max(1) * per_outer;
+    Layer {
+        u,
+        d,
+        ffn,
+        hid: rows * ffn,
+        inner,
+        rows_inner: rows * inner,
+        fo: rows * inner / s.head_dim * (s.head_dim + 1),
+        qkv_scratch: chunk_rows * 3 * inner * s.es,
+    }
+}
+
+/// The element counts of a transformer's parameters, in slot order.
+fn layer_param_elems(l: &Layer) -> [u64; 8] {
+    let d = l.d;
+    [
+        d,
+        3 * l.inner * d,
+        d * l.inner,
+        d,
+        l.ffn * d,
+        l.ffn,
+        d * l.ffn,
+        d,
+    ]
+}
+
+/// `Block::attention_forward` (without a graph): `norm(x)`, q/k/v and the attention output,
+/// handles of the current scope.
+fn attention_forward(t: &mut Tape, l: &Layer, x: Id, pd: &[Id; 8]) -> [Id; 3] {
+    let hn = rms_norm(t, x, pd[0], l.d);
+    let qkv = t.fused(
+        Fused::QkvRope,
+        &[hn, pd[1]],
+        3 * l.rows_inner,
+        l.qkv_scratch,
+    );
+    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
+    [hn, qkv, fo]
+}
+
+/// `Block::forward_saved` (keep policy): the transformer's fused ops without a graph, the
+/// parameters (fetched untracked) and the tensors its backward needs returned in custody, the
+/// output as a handle of the caller's scope.
+fn transformer_saved(t: &mut Tape, s: &Shapes, x: Id, time: bool) -> (Id, Saved) {
+    t.begin();
+    let l = layer(s, time);
+    let es = s.es;
+    let params = layer_param_elems(&l).map(|e| param(t, s, e, false));
+    // `layer_params` detaches each parameter: a header each.
+    let pd = params.map(|p| t.detach(p));
+    let xd = t.detach(x);
+    let [hn, qkv, fo] = attention_forward(t, &l, xd, &pd);
+    let xs = t.fused(
+        Fused::OutProj {
+            rows_inner: l.rows_inner,
+        },
+        &[fo, pd[2], xd],
+        l.u,
+        l.rows_inner * es,
+    );
+    let hn2 = rms_norm(t, xs, pd[3], l.d);
+    let hid = t.fused(
+        Fused::Linear { gelu: false },
+        &[hn2, pd[4], pd[5]],
+        l.hid,
+        0,
+    );
+    let out = t.fused(
+        Fused::Linear { gelu: true },
+        &[hid, pd[6], pd[7]],
+        l.u,
+        l.hid * es,
+    );
+    let y = t.binary(Bin::Add, xs, out);
+    t.drop_local(out);
+    let mut keep = vec![xd, hn, qkv, fo, xs, hn2, hid, y];
+    keep.extend(params);
+    t.end(&keep);
+    let saved = Saved {
+        params: params.map(|p| t.take(p)),
+        x: t.take(xd),
+        hn: t.take(hn),
+        qkv: t.take(qkv),
+        fo: t.take(fo),
+        xs: t.take(xs),
+        hn2: t.take(hn2),
+        hid: t.take(hid),
+    };
+    (y, saved)
+}
+
+/// `rms_norm_backward`: one buffer (dx ‖ dγ), dγ copied out; returns (dx, dγ) handles.
+fn rms_norm_backward(t: &mut Tape, l: &Layer, es: u64) -> (Id, Id) {
+    let packed = t.leaf(l.u + l.d, es, false);
+    let dx = t.narrow(packed, l.u, true);
+    let dgamma = t.leaf(l.d, es, false);
+    t.drop_local(packed);
+    (dx, dgamma)
+}
+
+/// `Block::ffn_backward`: takes `xs`, `hid`, `hn2` (recomputed when `None`) and `dy` from
+/// custody; returns the gradient of `xs` (a scope handle) and five parameter gradients.
+fn ffn_backward(
+    t: &mut Tape,
+    l: &Layer,
+    s: &Shapes,
+    pd: &[Id; 8],
+    [xs, hid]: [Id; 2],
+    hn2: Option<Id>,
+    dy: Id,
+) -> (Id, [Id; 5]) {
+    let es = s.es;
+    let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
+    // gelu_linear_bias_backward: gelu(hid) for dw2, then da and dhid = da ∘ gelu'(hid).
+    let a = leaf(t, l.hid);
+    let dw2 = leaf(t, l.d * l.ffn);
+    t.drop_local(a);
+    let db2 = leaf(t, l.d);
+    let da = leaf(t, l.hid);
+    let dhid = leaf(t, l.hid);
+    t.drop_local(da);
+    t.release(hid);
+    let hn2 = match hn2 {
+        Some(h) => h,
+        None => {
+            let h = rms_norm(t, xs, pd[3], l.d);
+            t.take(h)
+        }
+    };
+    // linear_bias_backward_owned: dw1, then hn2 dropped, then dx; dhid lives to the end.
+    let dw1 = leaf(t, l.ffn * l.d);
+    t.release(hn2);
+    let db1 = leaf(t, l.ffn);
+    let dhn2 = leaf(t, l.u);
+    t.drop_local(dhid);
+    let (dxs_norm, dg2) = rms_norm_backward(t, l, es);
+    t.drop_local(dhn2);
+    t.release(xs);
+    let dxs = t.binary(Bin::Add, dy, dxs_norm);
+    t.release(dy);
+    t.drop_local(dxs_norm);
+    (dxs, [dg2, dw1, db1, dw2, db2])
+}
+
+/// `Block::attention_backward`: takes `x`, `hn` (recomputed when `None`), `qkv` and `fo` from
+/// custody and the scope handle `dxs`; returns the gradient of `x` (a scope handle) and three
+/// parameter gradients.
+fn attention_backward(
+    t: &mut Tape,
+    l: &Layer,
+    s: &Shapes,
+    pd: &[Id; 8],
+    [x, qkv, fo]: [Id; 3],
+    hn: Option<Id>,
+    dxs: Id,
+) -> (Id, [Id; 3]) {
+    let es = s.es;
+    let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
+    // out_proj_residual_backward: o gathered for dwo, d_o scattered into dfo.
+    let o = leaf(t, l.rows_inner);
+    let dwo = leaf(t, l.d * l.inner);
+    t.drop_local(o);
+    let d_o = leaf(t, l.rows_inner);
+    let dfo = leaf(t, l.fo);
+    t.drop_local(d_o);
+    // The attention backward writes (dq, dk, dv) over q/k/v: `qkv` becomes the gradient.
+    t.drop_local(dfo);
+    t.release(fo);
+    // qkv_rope_backward: the gradient unpacked into rows and dropped, then norm(x) (given or
+    // recomputed) and two matmuls.
+    let gq = leaf(t, 3 * l.rows_inner);
+    t.release(qkv);
+    let hn = match hn {
+        Some(h) => h,
+        None => {
+            let h = rms_norm(t, x, pd[0], l.d);
+            t.take(h)
+        }
+    };
+    let dwqkv = leaf(t, 3 * l.inner * l.d);
+    let dhn = leaf(t, l.u);
+    t.release(hn);
+    t.drop_local(gq);
+    let (dx_norm, dg1) = rms_norm_backward(t, l, es);
+    t.drop_local(dhn);
+    t.release(x);
+    let dx = t.binary(Bin::Add, dxs, dx_norm);
+    t.drop_local(dxs);
+    t.drop_local(dx_norm);
+    (dx, [dg1, dwqkv, dwo])
+}
+
+/// After a hand-written backward: the engine drops the parameters, delivers the gradients and
+/// drops them; the input's gradient goes to custody.
+fn finish_backward(
+    t: &mut Tape,
+    params: [Id; 8],
+    grads: [Id; 8],
+    dx: Id,
+    deliver: impl FnOnce(&mut Tape),
+) -> Id {
+    for p in params {
+        t.release(p);
+    }
+    deliver(t);
+    for g in grads {
+        t.drop_local(g);
+    }
+    t.end(&[dx]);
+    t.take(dx)
+}
+
+/// `Block::backward_saved` from the output's gradient `dy` (taken), with the engine's
+/// delivery of the parameters' gradients: returns the input's gradient in custody.
+fn transformer_backward(
+    t: &mut Tape,
+    s: &Shapes,
+    saved: Saved,
+    dy: Id,
+    time: bool,
+    deliver: impl FnOnce(&mut Tape),
+) -> Id {
+    t.begin();
+    let l = layer(s, time);
+    let pd = saved.params.map(|p| t.detach(p));
+    let (dxs, [dg2, dw1, db1, dw2, db2]) =
+        ffn_backward(t, &l, s, &pd, [saved.xs, saved.hid], Some(saved.hn2), dy);
+    let (dx, [dg1, dwqkv, dwo]) = attention_backward(
+        t,
+        &l,
+        s,
+        &pd,
+        [saved.x, saved.qkv, saved.fo],
+        Some(saved.hn),
+        dxs,
+    );
+    let grads = [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2];
+    finish_backward(t, saved.params, grads, dx, deliver)
+}
+
+/// `Block::backward_recomputed` on the kept input `x` (a handle of the caller's scope, which
+/// the engine drops after the call), parameters fetched untracked, the output's gradient `dy`
+/// taken: returns the input's gradient in custody.
+fn transformer_recomputed_backward(
+    t: &mut Tape,
+    s: &Shapes,
+    x: Id,
+    dy: Id,
+    time: bool,
+    deliver: impl FnOnce(&mut Tape),
+) -> Id {
+    t.begin();
+    let l = layer(s, time);
+    let es = s.es;
+    let params = layer_param_elems(&l).map(|e| param(t, s, e, false));
+    let params = params.map(|p| t.take(p));
+    let pd = params.map(|p| t.detach(p));
+    let xd = t.detach(x);
+    // The forward again, the norms' outputs dropped after their use.
+    let [hn, qkv, fo] = attention_forward(t, &l, xd, &pd);
+    t.drop_local(hn);
+    let xs = t.fused(
+        Fused::OutProj {
+            rows_inner: l.rows_inner,
+        },
+        &[fo, pd[2], xd],
+        l.u,
+        l.rows_inner * es,
+    );
+    let hn2 = rms_norm(t, xs, pd[3], l.d);
+    let hid = t.fused(
+        Fused::Linear { gelu: false },
+        &[hn2, pd[4], pd[5]],
+        l.hid,
+        0,
+    );
+    t.drop_local(hn2);
+    let (xs, hid) = (t.take(xs), t.take(hid));
+    let (dxs, [dg2, dw1, db1, dw2, db2]) = ffn_backward(t, &l, s, &pd, [xs, hid], None, dy);
+    let (qkv, fo, xkeep) = (t.take(qkv), t.take(fo), t.take(xd));
+    let (dx, [dg1, dwqkv, dwo]) = attention_backward(t, &l, s, &pd, [xkeep, qkv, fo], None, dxs);
+    let grads = [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2];
+    finish_backward(t, params, grads, dx, deliver)
 }
 
 /// Scratch of the iSTFT kernel of the separator's `n_fft` (window envelope in f64 and its
@@ -667,10 +1002,19 @@ fn forward_block(
 
 /// `engine::Kept`: a block's graph (its input `Var`, none for block 0, and its output), or
 /// only its untracked input.
-#[derive(Clone, Copy)]
 enum Kept {
     Graph(Option<Id>, Id),
+    Saved(Saved),
     Input(Id),
+}
+
+/// Whether a block kind runs its hand-written backward (`Block::has_own_backward`).
+fn own_backward(kind: BlockKind) -> Option<bool> {
+    match kind {
+        BlockKind::Time { .. } => Some(true),
+        BlockKind::Band { .. } => Some(false),
+        _ => None,
+    }
 }
 
 /// `Engine::forward_backward_with` for one micro-batch of `s` (the batch's target tensor
@@ -714,6 +1058,12 @@ pub(crate) fn micro_batch(
             gather(&mut t, block_piece(i));
             let y = forward_block(&mut t, s, &ctx, block.kind, x, false);
             kept.push(Kept::Input(x));
+            x = y;
+        } else if let Some(time) = own_backward(block.kind) {
+            gather(&mut t, block_piece(i));
+            let (y, saved) = transformer_saved(&mut t, s, x, time);
+            kept.push(Kept::Saved(saved));
+            t.drop_local(x);
             x = y;
         } else {
             // The first block's input is data; later inputs are copied into a Var.
@@ -799,6 +1149,35 @@ pub(crate) fn micro_batch(
         t.mem.at = format!("backward: {}", blocks[i].name);
         let (input, y) = match kept.pop() {
             Some(Kept::Graph(input, y)) => (input, y),
+            Some(Kept::Saved(saved)) => {
+                let Some(gid) = g else { break };
+                let time = own_backward(blocks[i].kind) == Some(true);
+                g = Some(transformer_backward(&mut t, s, saved, gid, time, |t| {
+                    deliver(t, block_piece(i), blocks[i].largest_param)
+                }));
+                comm_after(&mut t, i, &mut comm);
+                continue;
+            }
+            Some(Kept::Input(xi)) if own_backward(blocks[i].kind).is_some() => {
+                let Some(gid) = g else { break };
+                let time = own_backward(blocks[i].kind) == Some(true);
+                gather(&mut t, block_piece(i));
+                // The engine drops its kept input after the call, before the delivery.
+                let xi = t.take(xi);
+                g = Some(transformer_recomputed_backward(
+                    &mut t,
+                    s,
+                    xi,
+                    gid,
+                    time,
+                    |t| {
+                        t.release(xi);
+                        deliver(t, block_piece(i), blocks[i].largest_param)
+                    },
+                ));
+                comm_after(&mut t, i, &mut comm);
+                continue;
+            }
             Some(Kept::Input(xi)) => {
                 // Recompute: the same forward, now tracked; the popped input dies at the arm's
                 // end (its copy is the Var).

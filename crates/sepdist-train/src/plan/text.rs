@@ -97,7 +97,7 @@ pub fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
             if pr.setting.checkpointing {
                 "checkpointing: only block inputs"
             } else {
-                "every block's graph"
+                "every block's graph or saved tensors"
             }
         ),
     );
