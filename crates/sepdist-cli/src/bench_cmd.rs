@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// Optimizer steps run first and not timed.
     #[arg(long, default_value_t = 2, value_name = "W")]
     pub warmup: usize,
+    /// Device to run on (same as --set training.device=...): auto (the GPU of this rank's
+    /// local rank when this build has CUDA and it opens, else the CPU), cpu or cuda.
+    #[arg(long, value_name = "DEVICE", value_parser = sepdist_config::DeviceChoice::NAMES)]
+    pub device: Option<String>,
 }
 
 fn gib(bytes: usize) -> f64 {
@@ -31,7 +35,8 @@ pub fn run(
     args: BenchArgs,
     heap: &'static dyn sepdist_train::memory::HeapCounter,
 ) -> Result<u8, crate::Failure> {
-    let config = load_file(&args.config, &args.overrides)?;
+    let overrides = crate::train_cmd::with_device(&args.overrides, args.device.as_deref());
+    let config = load_file(&args.config, &overrides)?;
     let comm = crate::train_cmd::communicator(&config)?;
     let r = bench(&config, args.steps, args.warmup, heap, comm.as_ref())?;
     if comm.rank() != 0 {
@@ -40,12 +45,13 @@ pub fn run(
     let recompute = config.training.gradient_checkpointing;
     let step = r.median_step();
     println!(
-        "{}: {} parameters, global batch {} on {} rank(s) × {} thread(s), {} timed steps after {} warm-up",
+        "{}: {} parameters, global batch {} on {} rank(s) × {} thread(s) on {}, {} timed steps after {} warm-up",
         args.config.display(),
         r.parameters,
         r.global_batch,
         r.world_size,
         r.threads,
+        r.device,
         r.step_seconds.len(),
         args.warmup
     );
@@ -59,6 +65,14 @@ pub fn run(
     }
     println!("peak heap          {:9.3} GiB", gib(r.peak_heap));
     println!("peak RSS           {:9.3} GiB", gib(r.peak_rss));
+    if let Some((allocated, reserved)) = r.peak_device {
+        println!(
+            "peak {:<13} {:9.3} GiB allocated, {:.3} GiB reserved (memory pool)",
+            r.device,
+            gib(allocated),
+            gib(reserved)
+        );
+    }
     println!(
         "model FLOPs        {:9.3} GFLOP forward per sample, {:.3} GFLOP per step ({}× forward)",
         r.forward_flops_per_sample / 1e9,

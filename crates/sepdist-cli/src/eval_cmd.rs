@@ -4,6 +4,7 @@
 use crate::{EXIT_FAILURE, EXIT_USAGE, Failure};
 use anyhow::{Context, anyhow};
 use clap::Args;
+use sepdist_config::DeviceChoice;
 use sepdist_train::evaluate::{self, Results, TrackResult};
 use sepdist_train::infer::{ChunkOptions, Inference, OutputFormat, Window};
 use std::path::PathBuf;
@@ -67,12 +68,29 @@ pub struct SeparateArgs {
     /// Write 16-bit PCM instead of 32-bit float.
     #[arg(long)]
     pub pcm16: bool,
+    /// Device to separate on: auto (the GPU when this build has CUDA and one opens, else the
+    /// CPU), cpu or cuda. The checkpoint's training.device plays no part.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = DeviceChoice::NAMES)]
+    pub device: String,
     #[command(flatten)]
     pub chunk: ChunkArgs,
 }
 
+/// The device of `--device` for this process (its local rank when a launcher started several).
+fn device(name: &str) -> Result<sepdist_train::device::Selected, Failure> {
+    let choice = DeviceChoice::parse(name)
+        .ok_or_else(|| usage(format!("--device {name}: expected auto, cpu or cuda")))?;
+    let local_rank = sepdist_comm::Topology::from_env().map_or(0, |t| t.local_rank);
+    let selected = sepdist_train::device::select(choice, local_rank)?;
+    if let Some(note) = &selected.note {
+        eprintln!("{note}");
+    }
+    Ok(selected)
+}
+
 pub fn run_separate(args: SeparateArgs) -> Result<u8, Failure> {
-    let inference = Inference::load(&args.checkpoint)
+    let device = device(&args.device)?.device;
+    let inference = Inference::load_on(&args.checkpoint, &device)
         .with_context(|| format!("cannot load checkpoint {}", args.checkpoint.display()))?;
     let options = args.chunk.options(inference.sample_rate())?;
     inference
@@ -143,6 +161,10 @@ pub struct EvalArgs {
     /// estimates folder).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Device to separate on with --checkpoint: auto (the GPU when this build has CUDA and
+    /// one opens, else the CPU), cpu or cuda.
+    #[arg(long, value_name = "DEVICE", value_parser = DeviceChoice::NAMES, conflicts_with_all = ["estimates", "references"])]
+    pub device: Option<String>,
     #[command(flatten)]
     pub chunk: ChunkArgs,
 }
@@ -180,7 +202,8 @@ fn print_summary(r: &Results) {
 pub fn run_eval(args: EvalArgs) -> Result<u8, Failure> {
     let (results, default_out) = match (&args.checkpoint, &args.estimates, &args.references) {
         (Some(ckpt), None, None) => {
-            let inference = Inference::load(ckpt)
+            let device = device(args.device.as_deref().unwrap_or("auto"))?.device;
+            let inference = Inference::load_on(ckpt, &device)
                 .with_context(|| format!("cannot load checkpoint {}", ckpt.display()))?;
             let options = args.chunk.options(inference.sample_rate())?;
             inference

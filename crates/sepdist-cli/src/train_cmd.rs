@@ -66,6 +66,19 @@ pub struct TrainArgs {
     /// the first step over the budget).
     #[arg(long)]
     pub force: bool,
+    /// Device to train on (same as --set training.device=...): auto (the GPU of this rank's
+    /// local rank when this build has CUDA and it opens, else the CPU), cpu or cuda.
+    #[arg(long, value_name = "DEVICE", value_parser = sepdist_config::DeviceChoice::NAMES)]
+    pub device: Option<String>,
+}
+
+/// The `--set` overrides with `--device` appended as `training.device=...` (last, so it wins).
+pub(crate) fn with_device(overrides: &[String], device: Option<&str>) -> Vec<String> {
+    let mut all = overrides.to_vec();
+    if let Some(d) = device {
+        all.push(format!("training.device={d}"));
+    }
+    all
 }
 
 /// Steps (1-based, comma-separated) whose loss and gradients a test makes NaN: `STEP` on every
@@ -130,7 +143,8 @@ pub fn run(
     args: TrainArgs,
     heap: &'static dyn sepdist_train::memory::HeapCounter,
 ) -> Result<u8, crate::Failure> {
-    let config = load_file(&args.config, &args.overrides)?;
+    let overrides = with_device(&args.overrides, args.device.as_deref());
+    let config = load_file(&args.config, &overrides)?;
     let comm = communicator(&config)?;
     // Test hook: one rank loads a different config, to check that start-up agreement
     // catches it (`RANK:KEY=VALUE`).
@@ -140,7 +154,7 @@ pub fn run(
                 anyhow::anyhow!("{RANK_OVERRIDE_HOOK}: expected RANK:KEY=VALUE, got `{spec}`")
             })?;
             if rank.trim().parse::<usize>().ok() == Some(comm.rank()) {
-                let mut overrides = args.overrides.clone();
+                let mut overrides = overrides.clone();
                 overrides.push(set.to_string());
                 load_file(&args.config, &overrides)?
             } else {

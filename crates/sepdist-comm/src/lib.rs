@@ -24,6 +24,9 @@
 //! issue the same sequence.
 //!
 //! Entry point: [`init`] picks the backend from the launcher environment.
+//!
+//! With the `cuda` feature, `cuda_memory` reads a GPU's memory figures (free/total and the
+//! stream-ordered pool's counters): the crate is where every FFI call of sepdist lives.
 
 mod error;
 mod local;
@@ -31,6 +34,8 @@ mod stats;
 mod threads;
 mod topology;
 
+#[cfg(feature = "cuda")]
+pub mod cuda_memory;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
 #[cfg(feature = "nccl")]

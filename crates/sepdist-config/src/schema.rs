@@ -214,6 +214,111 @@ pub struct TrainingConfig {
     /// `refit` (apply the fitted micro-batch, accumulation and checkpointing, same effective
     /// batch, and redo the step).
     pub on_oom: OnOom,
+    /// Where training runs: `auto` (the GPU of this rank's local rank when this build has CUDA
+    /// and the device opens, else the CPU), `cpu`, or `cuda` (an error where no GPU opens).
+    pub device: DeviceChoice,
+    /// CUDA: bytes of unused memory the stream-ordered pool keeps when the stream synchronises
+    /// instead of handing them back to the driver (`max`: all of it, a cache like PyTorch's;
+    /// `0`: the driver's default, every step maps its memory again).
+    pub cuda_pool_release_threshold: ReleaseThreshold,
+}
+
+/// `training.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub const NAMES: [&'static str; 3] = ["auto", "cpu", "cuda"];
+
+    /// `auto`, `cpu` or `cuda`.
+    pub fn parse(name: &str) -> Option<DeviceChoice> {
+        match name {
+            "auto" => Some(DeviceChoice::Auto),
+            "cpu" => Some(DeviceChoice::Cpu),
+            "cuda" => Some(DeviceChoice::Cuda),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        }
+    }
+}
+
+/// `training.cuda_pool_release_threshold`: `max` or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReleaseThreshold {
+    #[default]
+    Max,
+    Bytes(ByteSize),
+}
+
+impl ReleaseThreshold {
+    /// The driver's value (`u64::MAX` for `max`).
+    pub fn bytes(self) -> u64 {
+        match self {
+            ReleaseThreshold::Max => u64::MAX,
+            ReleaseThreshold::Bytes(b) => b.0,
+        }
+    }
+}
+
+impl std::fmt::Display for ReleaseThreshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReleaseThreshold::Max => f.write_str("max"),
+            ReleaseThreshold::Bytes(b) => b.fmt(f),
+        }
+    }
+}
+
+impl Serialize for ReleaseThreshold {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReleaseThreshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor of its own (not `untagged`), so that an error keeps the key's location.
+        struct ThresholdVisitor;
+        impl serde::de::Visitor<'_> for ThresholdVisitor {
+            type Value = ReleaseThreshold;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "`max` or a size such as 2GB")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ReleaseThreshold, E> {
+                Ok(ReleaseThreshold::Bytes(ByteSize(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ReleaseThreshold, E> {
+                u64::try_from(v)
+                    .map(|b| ReleaseThreshold::Bytes(ByteSize(b)))
+                    .map_err(|_| E::custom(format!("{v} bytes: a size must not be negative")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ReleaseThreshold, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReleaseThreshold, E> {
+                if v.trim().eq_ignore_ascii_case("max") {
+                    return Ok(ReleaseThreshold::Max);
+                }
+                ByteSize::parse(v)
+                    .map(ReleaseThreshold::Bytes)
+                    .map_err(|e| E::custom(format!("{e}, or `max`")))
+            }
+        }
+        d.deserialize_any(ThresholdVisitor)
+    }
 }
 
 /// `training.on_oom`.
@@ -554,6 +659,8 @@ impl Default for TrainingConfig {
             memory_budget: None,
             memory_reserve: ByteSize(1_000_000_000),
             on_oom: OnOom::Stop,
+            device: DeviceChoice::Auto,
+            cuda_pool_release_threshold: ReleaseThreshold::Max,
         }
     }
 }
@@ -655,5 +762,39 @@ mod tests {
         let e =
             serde_yaml_ng::from_str::<TrainingConfig>("memory_budget: -5\n").expect_err("negative");
         assert!(e.to_string().contains("must not be negative"), "{e}");
+    }
+
+    #[test]
+    fn device_and_pool_threshold_parse_and_print_back() {
+        let t = TrainingConfig::default();
+        assert_eq!(t.device, DeviceChoice::Auto);
+        assert_eq!(t.cuda_pool_release_threshold.bytes(), u64::MAX);
+        for name in DeviceChoice::NAMES {
+            let t: TrainingConfig =
+                serde_yaml_ng::from_str(&format!("device: {name}\n")).expect("valid");
+            assert_eq!(t.device.name(), name);
+            assert_eq!(DeviceChoice::parse(name), Some(t.device));
+        }
+        let e = serde_yaml_ng::from_str::<TrainingConfig>("device: gpu\n").expect_err("gpu");
+        assert!(e.to_string().contains("unknown variant `gpu`"), "{e}");
+        for (text, bytes) in [
+            ("max", u64::MAX),
+            ("MAX", u64::MAX),
+            ("2GB", 2_000_000_000),
+            ("0", 0),
+        ] {
+            let t: TrainingConfig =
+                serde_yaml_ng::from_str(&format!("cuda_pool_release_threshold: {text}\n"))
+                    .expect("valid");
+            assert_eq!(t.cuda_pool_release_threshold.bytes(), bytes, "{text}");
+            // Written back, it reads the same.
+            let again: TrainingConfig =
+                serde_yaml_ng::from_str(&serde_yaml_ng::to_string(&t).expect("yaml"))
+                    .expect("reload");
+            assert_eq!(again, t);
+        }
+        let e = serde_yaml_ng::from_str::<TrainingConfig>("cuda_pool_release_threshold: lots\n")
+            .expect_err("lots");
+        assert!(e.to_string().contains("or `max`"), "{e}");
     }
 }

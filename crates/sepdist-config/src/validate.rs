@@ -294,6 +294,12 @@ pub fn validate(c: &Config) -> Vec<RuleViolation> {
             "must be at least 1 optimizer step".into(),
         );
     }
+    check(
+        !(dist.backend == crate::schema::Backend::Nccl
+            && t.device == crate::schema::DeviceChoice::Cpu),
+        "training.device",
+        "cpu, but distributed.backend: nccl runs on GPUs; use training.device: cuda or auto, or another backend".into(),
+    );
     if let Some(budget) = t.memory_budget {
         check(
             budget.0 > 0,

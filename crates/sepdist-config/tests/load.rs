@@ -77,6 +77,19 @@ fn wrong_type_names_file_line_key_and_expected_type() {
     );
     let e = err("model:\n  bands: bs_roformer_99\n", &[]);
     assert!(e.contains("band preset (`bs_roformer_62`)"), "{e}");
+    let e = err("training:\n  device: gpu\n", &[]);
+    assert!(e.starts_with("test.yaml:2:"), "{e}");
+    assert!(e.contains("training.device"), "{e}");
+    assert!(
+        e.contains("unknown variant `gpu`, expected one of `auto`, `cpu`, `cuda`"),
+        "{e}"
+    );
+    let e = err("", &["training.device=tpu"]);
+    assert!(e.contains("--set training.device=tpu"), "{e}");
+    assert!(e.contains("unknown variant `tpu`"), "{e}");
+    let e = err("training:\n  cuda_pool_release_threshold: lots\n", &[]);
+    assert!(e.contains("training.cuda_pool_release_threshold"), "{e}");
+    assert!(e.contains("or `max`"), "{e}");
 }
 
 #[test]
@@ -94,6 +107,11 @@ fn violation(text: &str, overrides: &[&str], expected: &str) {
 
 #[test]
 fn cross_field_rules() {
+    violation(
+        "distributed:\n  backend: nccl\ntraining:\n  device: cpu\n",
+        &[],
+        "training.device: cpu, but distributed.backend: nccl runs on GPUs",
+    );
     violation(
         "model:\n  bands: [512, 512]\n",
         &[],

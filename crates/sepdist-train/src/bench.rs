@@ -1,6 +1,7 @@
 //! `sepdist bench`: the training step of a config, timed phase by phase on real data —
 //! median step time, samples/s, a breakdown (data, forward, backward, gradient sync,
-//! optimizer), peak heap and resident memory, and model FLOPs against the time taken.
+//! optimizer), peak heap and resident memory (and on a GPU the memory pool's peaks), and model
+//! FLOPs against the time taken. It runs on `training.device` (`--device`).
 //!
 //! It runs what `train` runs per optimizer step (the block-wise engine on the loader's
 //! batches, one all-reduce of the flat gradient when there are several ranks, clipping and
@@ -14,7 +15,7 @@ use crate::engine::{Engine, EngineEvent, batch_tensors};
 use crate::memory::{HeapCounter, rss};
 use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::trainer::TrainError;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use sepdist_comm::Communicator;
 use sepdist_config::{Config, Precision};
 use sepdist_data::{Loader, Sampler, Schedule};
@@ -40,6 +41,11 @@ pub struct BenchReport {
     pub phase_seconds: [f64; 5],
     pub peak_heap: usize,
     pub peak_rss: usize,
+    /// `cpu` or `cuda:N` (`training.device`).
+    pub device: String,
+    /// On a GPU: the memory pool's used and reserved high-water marks over the timed steps
+    /// and the warm-up (the model's tensors included), bytes.
+    pub peak_device: Option<(usize, usize)>,
     /// Forward FLOPs of one example (closed form, `sepdist_model::flops`).
     pub forward_flops_per_sample: f64,
 }
@@ -99,7 +105,13 @@ pub fn bench(
     if steps == 0 {
         return Err(TrainError::Setup("--steps must be at least 1".into()));
     }
-    let device = Device::Cpu;
+    let selected = crate::device::select(t.device, comm.topology().local_rank)?;
+    if let (Some(note), 0) = (&selected.note, comm.rank()) {
+        eprintln!("{note}");
+    }
+    let device = selected.device;
+    crate::device::configure(&device, t)?;
+    let gpu_memory = crate::device::memory_counter(&device);
     let (rank, world) = (comm.rank(), comm.world_size());
     let data = crate::trainer::open_dataset(cfg, comm)?;
     let sampler = Arc::new(Sampler::from_config(&data, cfg)?);
@@ -135,6 +147,9 @@ pub fn bench(
     let mut step_seconds = Vec::with_capacity(steps);
     let mut phases: Vec<[f64; 5]> = Vec::with_capacity(steps);
     heap.reset_peak();
+    if let Some(gpu) = &gpu_memory {
+        gpu.reset_peak();
+    }
     for step in 0..warmup + steps {
         let started = Instant::now();
         let mut times = [0.0f64; 5];
@@ -190,6 +205,8 @@ pub fn bench(
         phase_seconds,
         peak_heap: heap.peak(),
         peak_rss: rss().1,
+        device: crate::device::label(engine.device()),
+        peak_device: gpu_memory.map(|g| (g.peak(), g.reserved().1)),
         forward_flops_per_sample: sepdist_model::flops::flops_per_sample(
             &cfg.model,
             cfg.dataset.sources.len(),

@@ -183,6 +183,12 @@ impl Inference {
     /// Loads a checkpoint (see [`checkpoint_dir`] for what `path` may name), or a weights file
     /// written by `sepdist export`, on the CPU.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_on(path, &Device::Cpu)
+    }
+
+    /// [`Inference::load`] onto `device` (`crate::device::select`); the checkpoint's own
+    /// `training.device` plays no part (a model trained on a GPU separates on a laptop).
+    pub fn load_on(path: &Path, device: &Device) -> Result<Self> {
         if path.is_file() {
             let file = crate::export::read(path)?;
             let separator =
@@ -205,6 +211,7 @@ impl Inference {
                 file.config,
                 path.to_path_buf(),
                 file.step,
+                device,
             );
         }
         let dir = checkpoint_dir(path)?;
@@ -224,7 +231,7 @@ impl Inference {
         let separator = Separator::with_sources(&config.model, &config.dataset.sources)?;
         let fingerprint = FlatLayout::new(separator.param_specs()).fingerprint();
         let Loaded { weights, meta, .. } = checkpoint::load(&dir, Some(&fingerprint))?;
-        Self::with_weights(separator, weights, config, dir, meta.step)
+        Self::with_weights(separator, weights, config, dir, meta.step, device)
     }
 
     fn with_weights(
@@ -233,8 +240,9 @@ impl Inference {
         config: Config,
         checkpoint: PathBuf,
         step: u64,
+        device: &Device,
     ) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = device.clone();
         let mut params = BTreeMap::new();
         for (name, t) in weights {
             params.insert(name, Tensor::from_vec(t.data, t.shape, &device)?);
@@ -251,6 +259,11 @@ impl Inference {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The device the separator runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn sample_rate(&self) -> u32 {

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod buckets;
 pub mod checkpoint;
+pub mod device;
 pub mod engine;
 pub mod evaluate;
 pub mod export;

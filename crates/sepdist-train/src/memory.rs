@@ -1,7 +1,9 @@
-//! CPU memory accounting: heap bytes from a counting global allocator (current and peak,
-//! peaks per phase) and the process's resident set from `/proc`. The allocator itself is
-//! installed by the binary (`#[global_allocator]`); the engine reads it through
-//! [`HeapCounter`] so that library tests run without one.
+//! Memory accounting: heap bytes from a counting global allocator (current and peak, peaks
+//! per phase) and the process's resident set from `/proc`. The allocator itself is installed
+//! by the binary (`#[global_allocator]`); the engine reads it through [`HeapCounter`] so that
+//! library tests run without one. On a CUDA device the same counter interface reads the GPU's
+//! memory pool instead (`crate::device::memory_counter`: allocated = pool used, reserved =
+//! pool reserved), so the phases, the progress line and the metrics show device memory.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +15,36 @@ pub trait HeapCounter: Send + Sync {
     fn peak(&self) -> usize;
     /// Lowers the peak to the current value, to measure the peak of the next phase.
     fn reset_peak(&self);
+    /// Bytes held from the system now and their high-water mark (the process's resident set;
+    /// a GPU pool's reserved bytes).
+    fn reserved(&self) -> (usize, usize) {
+        rss()
+    }
+    /// What is counted, for reports.
+    fn describe(&self) -> String {
+        "this rank's heap by the counting allocator".into()
+    }
+}
+
+/// The binary's allocator (a `static`) as a shared counter.
+struct Static(&'static dyn HeapCounter);
+
+impl HeapCounter for Static {
+    fn current(&self) -> usize {
+        self.0.current()
+    }
+    fn peak(&self) -> usize {
+        self.0.peak()
+    }
+    fn reset_peak(&self) {
+        self.0.reset_peak()
+    }
+    fn reserved(&self) -> (usize, usize) {
+        self.0.reserved()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
 }
 
 impl HeapCounter for peak_alloc::PeakAlloc {
@@ -93,7 +125,7 @@ impl Phase {
 /// previous switch into the phase that was running, then lowers the allocator's peak to the
 /// current value.
 pub struct MemoryMeter {
-    heap: &'static dyn HeapCounter,
+    heap: std::sync::Arc<dyn HeapCounter>,
     /// Phases reset the allocator's peak; the lifetime peak is kept here.
     lifetime_peak: AtomicUsize,
     state: Mutex<MeterState>,
@@ -249,22 +281,33 @@ impl std::fmt::Debug for MemoryMeter {
 /// What the progress line and the metrics show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemorySnapshot {
-    /// Heap bytes allocated now (the counting allocator).
+    /// Heap bytes allocated now (the counting allocator; CUDA: the pool's used bytes).
     pub allocated: usize,
     /// Heap high-water mark since start.
     pub peak_allocated: usize,
-    /// Resident set now ("reserved": what the process holds from the OS).
+    /// Resident set now ("reserved": what the process holds from the OS; CUDA: what the
+    /// pool holds from the driver).
     pub reserved: usize,
     pub peak_reserved: usize,
 }
 
 impl MemoryMeter {
     pub fn new(heap: &'static dyn HeapCounter) -> Self {
+        Self::with_counter(std::sync::Arc::new(Static(heap)))
+    }
+
+    /// A meter over any counter (a GPU's memory pool).
+    pub fn with_counter(heap: std::sync::Arc<dyn HeapCounter>) -> Self {
         Self {
-            heap,
             lifetime_peak: AtomicUsize::new(heap.peak()),
+            heap,
             state: Mutex::new(MeterState::default()),
         }
+    }
+
+    /// What the meter counts (the heap, or a GPU's pool), for reports.
+    pub fn describe(&self) -> String {
+        self.heap.describe()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, MeterState> {
@@ -399,7 +442,7 @@ impl MemoryMeter {
     }
 
     pub fn snapshot(&self) -> MemorySnapshot {
-        let (reserved, peak_reserved) = rss();
+        let (reserved, peak_reserved) = self.heap.reserved();
         MemorySnapshot {
             allocated: self.heap.current(),
             peak_allocated: self
@@ -443,8 +486,8 @@ pub fn report(
 ) -> String {
     let (index, f) = meter.reported_step();
     let title = format!(
-        "memory report (this rank's heap by the counting allocator, figures of optimizer step {}; \
-         1 GB = 10^9 bytes)",
+        "memory report ({}, figures of optimizer step {}; 1 GB = 10^9 bytes)",
+        meter.describe(),
         index + 1
     );
     report_step(meter, &title, &f, known, predicted)

@@ -12,9 +12,10 @@
 //!   stops or refits ([`fitted_after_failure`]).
 //!
 //! Free memory comes from a [`DeviceMemory`]: [`CpuMemory`] on CPUs (`MemAvailable`, or the
-//! headroom of the process's memory cgroups if smaller). A CUDA device would report
-//! `cuMemGetInfo`'s free bytes through the same trait, and its out-of-memory errors would set
-//! the same per-step flag; neither exists until the trainer runs on CUDA.
+//! headroom of the process's memory cgroups if smaller), `cuMemGetInfo`'s free bytes on a CUDA
+//! device ([`crate::device::memory`]), which also gives the planner its device spec (the GPU
+//! kind by name). A CUDA out-of-memory error does not set the per-step flag yet: it ends the
+//! run with the error.
 
 use crate::plan::text::{breakdown, describe_fit, set_args};
 use crate::plan::{DeviceKind, DeviceSpec, Fit, PlanError, Planner, Prediction, Setting};
@@ -40,6 +41,11 @@ pub struct Measured {
 pub trait DeviceMemory {
     /// `None` when the device cannot tell (no `/proc`): nothing is checked then.
     fn free(&self) -> Option<Measured>;
+
+    /// The planner's spec of this device (the CPU's unless overridden).
+    fn spec(&self) -> DeviceSpec {
+        DeviceSpec::new(DeviceKind::Cpu, cpu_threads())
+    }
 }
 
 /// Host memory: `MemAvailable` of `/proc/meminfo`, or the headroom (limit − usage) of the
@@ -97,7 +103,7 @@ impl DeviceMemory for CpuMemory {
 }
 
 /// This machine's name (`/proc/sys/kernel/hostname`, else `HOSTNAME`).
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -246,10 +252,23 @@ pub fn runtime_budget(cfg: &Config) -> Option<usize> {
         .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX))
 }
 
-/// The planner for this build's training device (CPU) and `world` ranks.
+/// The planner for the CPU and `world` ranks.
 pub fn planner(cfg: &Config, world: usize) -> Result<Planner, TrainError> {
-    let device = DeviceSpec::new(DeviceKind::Cpu, cpu_threads());
-    Planner::new(cfg, world, device).map_err(plan_error)
+    planner_on(cfg, world, DeviceSpec::new(DeviceKind::Cpu, cpu_threads()))
+}
+
+/// The planner for `device` (see [`crate::device::spec`]) and `world` ranks.
+pub fn planner_for(
+    cfg: &Config,
+    world: usize,
+    device: &candle_core::Device,
+) -> Result<Planner, TrainError> {
+    planner_on(cfg, world, crate::device::spec(device))
+}
+
+/// The planner for a device of spec `spec` and `world` ranks.
+pub fn planner_on(cfg: &Config, world: usize, spec: DeviceSpec) -> Result<Planner, TrainError> {
+    Planner::new(cfg, world, spec).map_err(plan_error)
 }
 
 pub(crate) fn plan_error(e: PlanError) -> TrainError {
@@ -360,7 +379,7 @@ pub fn preflight(
     device: &dyn DeviceMemory,
 ) -> Result<Config, TrainError> {
     let world = comm.world_size();
-    let planner = planner(&cfg, world)?;
+    let planner = planner_on(&cfg, world, device.spec())?;
     let predicted = planner.predict(&planner.configured());
     let mine = RankCheck {
         peak: predicted.peak,

@@ -10,7 +10,7 @@ use crate::memory::{HeapCounter, MemoryMeter, Phase};
 use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::progress::{MetricsWriter, Progress, StepReport};
 use crate::schedule::{LrSchedule, Plateau};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use sepdist_comm::{CommError, Communicator, PendingReduce};
 use sepdist_config::{Config, Precision};
 use sepdist_data::{ChunkIter, DataError, Loader, Musdb, Sampler, Schedule};
@@ -172,6 +172,9 @@ struct StepRecord<'a> {
     mem_peak_allocated: usize,
     mem_reserved: usize,
     mem_peak_reserved: usize,
+    /// What the `mem_*` figures measure: `cpu` (heap and resident set) or `cuda:N` (the GPU's
+    /// memory pool: used and reserved bytes).
+    device: &'a str,
     /// Per-phase peaks and activation levels of this step.
     #[serde(flatten)]
     memory_phases: crate::memory::StepMemory,
@@ -260,10 +263,21 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
             "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
         ));
     }
+    // The GPU of this rank's local rank (NCCL's backend opened the same one), or the CPU.
+    let selected = crate::device::select(t.device, comm.topology().local_rank)?;
+    if let (Some(note), 0) = (&selected.note, comm.rank()) {
+        eprintln!("{note}");
+    }
+    let device = selected.device;
+    crate::device::configure(&device, t)?;
     // Before anything of the model's size exists: refuse, or refit, a config that does not fit.
-    let cfg = crate::oom::preflight(cfg, comm, req.force, &crate::oom::CpuMemory::system())?;
+    let cfg = crate::oom::preflight(
+        cfg,
+        comm,
+        req.force,
+        crate::device::memory(&device).as_ref(),
+    )?;
     let t = &cfg.training;
-    let device = Device::Cpu;
     let (rank, world) = (comm.rank(), comm.world_size());
     let data = open_dataset(&cfg, comm)?;
     let sampler = Arc::new(Sampler::from_config(&data, &cfg)?);
@@ -277,7 +291,10 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
     let mut engine = Engine::new(separator, loss, &init, t.gradient_checkpointing, device)?;
     drop(init);
     // The engine reports forward/backward boundaries to the memory meter.
-    let meter = Arc::new(MemoryMeter::new(req.heap));
+    let meter = Arc::new(match crate::device::memory_counter(engine.device()) {
+        Some(gpu) => MemoryMeter::with_counter(gpu),
+        None => MemoryMeter::new(req.heap),
+    });
     meter.set_budget(crate::oom::runtime_budget(&cfg));
     engine.set_probe(Some(meter.probe()));
     let fingerprint = engine.layout().fingerprint();
@@ -385,9 +402,10 @@ impl Trainer<'_> {
     fn memory_report(&self) -> String {
         let (index, _) = self.meter.reported_step();
         let known = self.known_buffers(index as u64);
-        let predicted = crate::oom::planner(&self.cfg, self.comm.world_size())
-            .ok()
-            .map(|p| p.predict(&p.configured()));
+        let predicted =
+            crate::oom::planner_for(&self.cfg, self.comm.world_size(), self.engine.device())
+                .ok()
+                .map(|p| p.predict(&p.configured()));
         crate::memory::report(&self.meter, &known, predicted.as_ref())
     }
 
@@ -472,11 +490,12 @@ impl Trainer<'_> {
             None
         };
         self.say(&format!(
-            "training {n} parameters for {total_steps} optimizer steps ({steps_per_epoch} per epoch, effective batch {} = {} × {} × {} ranks) from step {step}",
+            "training {n} parameters on {device} for {total_steps} optimizer steps ({steps_per_epoch} per epoch, effective batch {} = {} × {} × {} ranks) from step {step}",
             self.schedule.global_batch(),
             t.batch_size,
             t.gradient_accumulation_steps,
-            self.comm.world_size()
+            self.comm.world_size(),
+            device = crate::device::label(self.engine.device()),
         ));
         let mut loader = Loader::new(
             Arc::clone(&sampler),
@@ -496,6 +515,7 @@ impl Trainer<'_> {
             self.validate(step, metrics.as_mut(), true)?;
         }
         let mut last_saved = None;
+        let device_label = crate::device::label(self.engine.device());
         while step < total_steps {
             // The hook stops exactly after `stop_after_steps` steps: its flag joins the
             // reduction of the step that completes them.
@@ -558,6 +578,7 @@ impl Trainer<'_> {
                         mem_peak_allocated: memory.peak_allocated,
                         mem_reserved: memory.reserved,
                         mem_peak_reserved: memory.peak_reserved,
+                        device: &device_label,
                         memory_phases,
                     })
                     .map_err(io(&t.output_dir))?;

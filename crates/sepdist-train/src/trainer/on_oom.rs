@@ -4,7 +4,7 @@
 
 use super::{TrainError, Trainer, io};
 use crate::memory::{Phase, Window};
-use crate::oom::{fitted_after_failure, fitted_text, planner};
+use crate::oom::{fitted_after_failure, fitted_text, planner_for};
 use crate::plan::text::describe_fit;
 use crate::plan::{Setting, format_bytes};
 use crate::progress::MetricsWriter;
@@ -35,7 +35,7 @@ impl Trainer<'_> {
         metrics: Option<&mut MetricsWriter>,
     ) -> Result<(), TrainError> {
         let figures = self.meter.discard_step();
-        let planner = planner(&self.cfg, self.comm.world_size())?;
+        let planner = planner_for(&self.cfg, self.comm.world_size(), self.engine.device())?;
         let current = planner.configured();
         let predicted = planner.predict(&current);
         let budget = window.budget.unwrap_or(0) as u64;

@@ -1,0 +1,476 @@
+//! The custom ops and the whole separator on a CUDA device against the CPU: forward values and
+//! the gradients of `⟨r, f(inputs)⟩` (fp32: 1e-5 relative, max |cuda − cpu| / max |cpu|), and
+//! the model's loss and every parameter's gradient (1e-4 relative).
+//!
+//! On the CPU the ops run their fused kernels; on CUDA they take the device path (today the
+//! `*_composed` twins of candle ops, or a round trip through the CPU for the STFT), so these
+//! tests check that path against the kernels the CPU tests check. Each test prints `skipped:`
+//! and passes when no CUDA device opens, unless `SEPDIST_REQUIRE_CUDA=1` (set by
+//! `launch/gpu-check.sh`), which makes that a failure.
+#![cfg(feature = "cuda")]
+
+mod model_util;
+mod ops_util;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use ops_util::{max_abs, max_abs_diff, uniform};
+use sepdist_config::{Bands, LossConfig, ModelConfig};
+use sepdist_model::loss::SeparationLoss;
+use sepdist_model::ops::{
+    Rope, SeqLayout, Stft, flash_attention, flash_attention_packed, gelu_linear_bias, glu_tanh,
+    grouped_linear, linear_bias, logsumexp_last_dim, multi_stft_l1, out_proj_residual, qkv_rope,
+    reference_attention, rms_norm, rms_norm_groups, softmax_last_dim,
+};
+use sepdist_model::{AttentionKind, Separator};
+use std::collections::BTreeMap;
+
+/// fp32 tolerance of an op, relative to the CPU result's largest magnitude.
+const OP_TOL: f64 = 1e-5;
+/// fp32 tolerance of the whole model's loss and gradients.
+const MODEL_TOL: f64 = 1e-4;
+
+/// The first CUDA device, or `None` (after saying so) where none opens. Plain fp32 GEMMs:
+/// TF32 would be a 1e-3 relative difference, not a bug of the op.
+fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(dev) => {
+            candle_core::cuda::set_gemm_reduced_precision_f32(false);
+            Some(dev)
+        }
+        Err(e) => {
+            // candle appends a backtrace to the message: its first line says it all.
+            let e = e.to_string();
+            let e = e.lines().next().unwrap_or_default().to_string();
+            let required = std::env::var("SEPDIST_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "SEPDIST_REQUIRE_CUDA=1 but no CUDA device opens: {e}"
+            );
+            println!("skipped: no CUDA device opens here ({e})");
+            None
+        }
+    }
+}
+
+/// An op of some inputs, built on the device it is given (for tables such as RoPE's).
+type Op<'a> = &'a dyn Fn(&[Tensor], &Device) -> Result<Tensor>;
+
+/// Output and the gradients of `⟨r, f(inputs)⟩` with respect to every input, computed on
+/// `dev` from the CPU tensors `inputs` and `r`'s seed, all brought back to the CPU.
+fn value_and_grads(f: Op, inputs: &[Tensor], dev: &Device, seed: u64) -> Result<Vec<Tensor>> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(dev)?))
+        .collect::<Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts, dev)?;
+    if !y.device().same_device(dev) {
+        return Err(candle_core::Error::Msg(format!(
+            "the op's output is on {:?}, its inputs on {:?}",
+            y.device(),
+            dev
+        )));
+    }
+    let r = uniform(y.dims(), seed, y.dtype())?.to_device(dev)?;
+    let grads = (&y * &r)?.sum_all()?.backward()?;
+    let mut out = vec![y.detach().to_device(&Device::Cpu)?];
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient for input {i}")))?;
+        out.push(g.to_device(&Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// `f` on CUDA equals `f` on the CPU in fp32, in value and in the gradient of every input:
+/// seeded uniform inputs of `shapes`, each multiplied by its `scales` entry (to push softmax
+/// and tanh off their linear ranges). Returns the largest relative error seen.
+fn check_op(what: &str, dev: &Device, f: Op, shapes: &[&[usize]], scales: &[f64]) -> Result<f64> {
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            uniform(s, 10 + i as u64, DType::F32)? * scales.get(i).copied().unwrap_or(1.0)
+        })
+        .collect::<Result<_>>()?;
+    let cpu = value_and_grads(f, &inputs, &Device::Cpu, 99)?;
+    let gpu = value_and_grads(f, &inputs, dev, 99)?;
+    let mut worst: f64 = 0.0;
+    for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        let part = if i == 0 {
+            "value".to_string()
+        } else {
+            format!("gradient of input {}", i - 1)
+        };
+        assert_eq!(g.dims(), c.dims(), "{what}: {part} shape");
+        let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-30);
+        assert!(
+            err < OP_TOL,
+            "{what} {shapes:?}: {part} on CUDA differs from the CPU by {err:e} (relative)"
+        );
+        worst = worst.max(err);
+    }
+    println!("{what} {shapes:?}: worst relative difference {worst:e}");
+    Ok(worst)
+}
+
+#[test]
+fn ops_cuda_rms_norm_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let norm = |a: &[Tensor], _: &Device| rms_norm(&a[0], &a[1], 1e-5);
+    check_op("rms_norm", &dev, &norm, &[&[3, 70, 12], &[12]], &[])?;
+    check_op("rms_norm", &dev, &norm, &[&[1, 5], &[5]], &[])?;
+    // A strided input (the transpose of a contiguous one).
+    let strided = |a: &[Tensor], _: &Device| rms_norm(&a[0].t()?, &a[1], 1e-6);
+    check_op("rms_norm (strided)", &dev, &strided, &[&[6, 4], &[6]], &[])?;
+    let groups = |a: &[Tensor], _: &Device| rms_norm_groups(&a[0], &a[1], 1e-6);
+    check_op(
+        "rms_norm_groups",
+        &dev,
+        &groups,
+        &[&[3, 130, 8], &[3, 8]],
+        &[],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_softmax_rope_equal_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let softmax = |a: &[Tensor], _: &Device| softmax_last_dim(&a[0]);
+    check_op("softmax_last_dim", &dev, &softmax, &[&[4, 70, 33]], &[5.0])?;
+    let lse = |a: &[Tensor], _: &Device| logsumexp_last_dim(&a[0]);
+    check_op("logsumexp_last_dim", &dev, &lse, &[&[4, 70, 33]], &[5.0])?;
+    let rope = |a: &[Tensor], d: &Device| Rope::new(16, 8, 10_000.0, d, DType::F32)?.apply(&a[0]);
+    check_op("rope", &dev, &rope, &[&[2, 3, 10, 8]], &[])?;
+    Ok(())
+}
+
+/// Time-like (several sequences interleaved in the rows), band-like and one-row layouts.
+fn layouts() -> [SeqLayout; 3] {
+    [
+        SeqLayout {
+            outer: 2,
+            len: 5,
+            inner: 3,
+        },
+        SeqLayout {
+            outer: 4,
+            len: 6,
+            inner: 1,
+        },
+        SeqLayout {
+            outer: 1,
+            len: 1,
+            inner: 2,
+        },
+    ]
+}
+
+#[test]
+fn ops_cuda_qkv_rope_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let (heads, dh, d) = (2, 4, 6);
+    for seq in layouts() {
+        let f = |a: &[Tensor], dv: &Device| {
+            let rope = Rope::new(8, dh, 10_000.0, dv, DType::F32)?;
+            qkv_rope(&a[0], &a[1], &rope, seq, heads)
+        };
+        let rows: &[usize] = &[seq.outer, seq.len, seq.inner, d];
+        check_op("qkv_rope", &dev, &f, &[rows, &[3 * heads * dh, d]], &[])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_attention_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    // T below, above and not a multiple of the CPU kernel's 64-row blocks.
+    for &(b, h, t, dh) in &[(1, 1, 1, 8), (2, 3, 70, 16), (1, 2, 129, 32), (1, 2, 5, 64)] {
+        let scale = (dh as f64).powf(-0.5);
+        let shape: &[usize] = &[b, h, t, dh];
+        let flash = |a: &[Tensor], _: &Device| flash_attention(&a[0], &a[1], &a[2], scale);
+        check_op(
+            "flash_attention",
+            &dev,
+            &flash,
+            &[shape; 3],
+            &[3.0, 3.0, 1.0],
+        )?;
+        let reference = |a: &[Tensor], _: &Device| reference_attention(&a[0], &a[1], &a[2], scale);
+        check_op(
+            "reference_attention",
+            &dev,
+            &reference,
+            &[shape; 3],
+            &[3.0, 3.0, 1.0],
+        )?;
+        // Packed q, k, v: output ‖ log-sum-exp, and a gradient flowing into the lse column.
+        let packed = |a: &[Tensor], _: &Device| flash_attention_packed(&a[0], scale);
+        check_op(
+            "flash_attention_packed",
+            &dev,
+            &packed,
+            &[&[3, b, h, t, dh]],
+            &[3.0],
+        )?;
+    }
+    // Inputs made by a transpose, as in the model.
+    let strided = |a: &[Tensor], _: &Device| {
+        let q = a[0].transpose(1, 2)?;
+        flash_attention(&q, &(&q * 0.5)?, &q.sin()?, 0.25)
+    };
+    check_op(
+        "flash_attention (strided)",
+        &dev,
+        &strided,
+        &[&[2, 33, 3, 16]],
+        &[3.0],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_out_proj_residual_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let (heads, dh, d) = (2, 4, 6);
+    for seq in layouts() {
+        // E = Dh (plain output) and Dh + 1 (output ‖ lse, whose last column is ignored).
+        for extra in [0, 1] {
+            let f = |a: &[Tensor], _: &Device| out_proj_residual(&a[0], &a[1], &a[2], seq, dh);
+            let fo: &[usize] = &[seq.sequences(), heads, seq.len, dh + extra];
+            let x: &[usize] = &[seq.outer, seq.len, seq.inner, d];
+            check_op(
+                "out_proj_residual",
+                &dev,
+                &f,
+                &[fo, &[d, heads * dh], x],
+                &[],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_ffn_linear_layers_equal_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let shapes: [&[usize]; 3] = [&[2, 33, 7], &[5, 7], &[5]];
+    let lin = |a: &[Tensor], _: &Device| linear_bias(&a[0], &a[1], &a[2]);
+    check_op("linear_bias", &dev, &lin, &shapes, &[])?;
+    let gelu = |a: &[Tensor], _: &Device| gelu_linear_bias(&a[0], &a[1], &a[2]);
+    check_op("gelu_linear_bias", &dev, &gelu, &shapes, &[2.0])?;
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_mask_estimator_ops_equal_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let glu = |a: &[Tensor], _: &Device| glu_tanh(&a[0], 5);
+    check_op("glu_tanh", &dev, &glu, &[&[3, 70, 10]], &[3.0])?;
+    for tanh in [false, true] {
+        let f = |a: &[Tensor], _: &Device| grouped_linear(&a[0], &a[1], &a[2], tanh);
+        check_op(
+            "grouped_linear",
+            &dev,
+            &f,
+            &[&[3, 70, 6], &[3, 6, 5], &[3, 5]],
+            &[2.0],
+        )?;
+        // A strided input (the first layer reads a narrow of the band features).
+        let strided =
+            |a: &[Tensor], _: &Device| grouped_linear(&a[0].transpose(0, 1)?, &a[1], &a[2], tanh);
+        check_op(
+            "grouped_linear (strided)",
+            &dev,
+            &strided,
+            &[&[5, 3, 6], &[3, 6, 4], &[3, 4]],
+            &[2.0],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_stft_and_istft_equal_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    // (n_fft, hop, win_length, length): small, a window shorter than its FFT, and the model's
+    // and the loss' real sizes.
+    for &(n_fft, hop, win, n) in &[
+        (16, 4, 16, 50),
+        (32, 5, 20, 101),
+        (2048, 512, 2048, 12_000),
+        (4096, 147, 4096, 9001),
+    ] {
+        let stft = Stft::new(n_fft, hop, win)?;
+        let fwd = |a: &[Tensor], _: &Device| stft.forward(&a[0]);
+        check_op("stft", &dev, &fwd, &[&[2, 2, n]], &[])?;
+        let frames = stft.n_frames(n);
+        let inv = |a: &[Tensor], _: &Device| stft.inverse(&a[0], n);
+        check_op(
+            "istft",
+            &dev,
+            &inv,
+            &[&[2, 2, n_fft / 2 + 1, frames, 2]],
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_masked_istft_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for &(n_fft, hop, n, s) in &[(16, 4, 21, 3), (2048, 512, 9000, 4)] {
+        let stft = Stft::new(n_fft, hop, n_fft)?;
+        let (f, t) = (n_fft / 2 + 1, stft.n_frames(n));
+        // The mask as the head makes it: `[B, S, 2, T, F, 2]` seen as `[B, S, 2, F, T, 2]`.
+        let masked =
+            |a: &[Tensor], _: &Device| stft.inverse_masked(&a[0].transpose(3, 4)?, &a[1], n);
+        check_op(
+            "inverse_masked",
+            &dev,
+            &masked,
+            &[&[2, s, 2, t, f, 2], &[2, 2, f, t, 2]],
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ops_cuda_multi_stft_l1_equals_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let small = [
+        Stft::new(16, 5, 16)?,
+        Stft::new(12, 5, 8)?,
+        Stft::new(8, 3, 8)?,
+    ];
+    let f = |a: &[Tensor], _: &Device| multi_stft_l1(&a[0], &small);
+    check_op("multi_stft_l1", &dev, &f, &[&[2, 2, 41]], &[])?;
+    let strided = |a: &[Tensor], _: &Device| multi_stft_l1(&a[0].transpose(0, 1)?, &small);
+    check_op(
+        "multi_stft_l1 (strided)",
+        &dev,
+        &strided,
+        &[&[3, 2, 30]],
+        &[],
+    )?;
+    // The loss' resolutions (windows 4096..256, hop 147) on a 0.25 s stereo pair.
+    let loss_sizes = [4096, 2048, 1024, 512, 256]
+        .iter()
+        .map(|&w| Stft::new(w, 147, w))
+        .collect::<Result<Vec<_>>>()?;
+    let f = |a: &[Tensor], _: &Device| multi_stft_l1(&a[0], &loss_sizes);
+    check_op(
+        "multi_stft_l1 (loss sizes)",
+        &dev,
+        &f,
+        &[&[2, 2, 11_025]],
+        &[],
+    )?;
+    Ok(())
+}
+
+fn tiny() -> ModelConfig {
+    ModelConfig {
+        n_fft: 64,
+        hop_length: 16,
+        // Equal widths not adjacent: the general band→group gather/scatter.
+        bands: Bands::Widths(vec![2, 2, 4, 2, 4, 8, 11]),
+        n_layers: 2,
+        emb_dim: 16,
+        n_heads: 2,
+        ffn_hidden_dim: [32, 24],
+        mask_hidden_dim: Some(20),
+        mask_depth: 2,
+    }
+}
+
+fn loss_cfg() -> LossConfig {
+    LossConfig {
+        multi_stft_resolution_loss_weight: 0.7,
+        multi_stft_resolutions_window_sizes: vec![64, 32],
+        multi_stft_hop_size: 16,
+        multi_stft_min_n_fft: 64,
+        ..LossConfig::default()
+    }
+}
+
+/// The loss and the gradient of every parameter, computed on `dev` (parameters and data
+/// copied from the CPU), brought back to the CPU.
+fn loss_and_grads(
+    sep: &Separator,
+    loss: &SeparationLoss,
+    params: &BTreeMap<String, Tensor>,
+    mix: &Tensor,
+    target: &Tensor,
+    kind: AttentionKind,
+    dev: &Device,
+) -> std::result::Result<(f64, BTreeMap<String, Tensor>), Box<dyn std::error::Error>> {
+    let vars: BTreeMap<String, Var> = params
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.to_device(dev)?)?)))
+        .collect::<Result<_>>()?;
+    let tracked: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let ctx = sep.prepare_context_with(&mix.to_device(dev)?, kind)?;
+    let est = sep.forward_ctx(&tracked, &ctx)?;
+    let total = loss.compute(&est, &target.to_device(dev)?)?.total;
+    let grads = total.backward()?;
+    let mut out = BTreeMap::new();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| format!("no gradient for {name} on {dev:?}"))?;
+        out.insert(name.clone(), g.to_device(&Device::Cpu)?);
+    }
+    Ok((total.to_dtype(DType::F64)?.to_scalar::<f64>()?, out))
+}
+
+/// The separator's forward, loss and backward on CUDA equal the CPU's (fp32): the loss and
+/// every parameter's gradient within 1e-4 relative, with FlashAttention and the reference.
+#[test]
+fn ops_cuda_separator_loss_and_gradients_equal_the_cpu()
+-> std::result::Result<(), Box<dyn std::error::Error>> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let sep = Separator::new(&tiny(), 2)?;
+    let loss = SeparationLoss::new(&loss_cfg())?;
+    let params = sep.init_params(3, &Device::Cpu, DType::F32)?;
+    let n = 400;
+    let mix = model_util::normal(&[2, 2, n], 1.0, 1)?.to_dtype(DType::F32)?;
+    let target = model_util::normal(&[2, 2, 2, n], 0.5, 2)?.to_dtype(DType::F32)?;
+    for kind in [AttentionKind::Flash, AttentionKind::Reference] {
+        let (l_cpu, g_cpu) =
+            loss_and_grads(&sep, &loss, &params, &mix, &target, kind, &Device::Cpu)?;
+        let (l_gpu, g_gpu) = loss_and_grads(&sep, &loss, &params, &mix, &target, kind, &dev)?;
+        let rel = (l_gpu - l_cpu).abs() / l_cpu.abs().max(1e-30);
+        assert!(
+            rel < MODEL_TOL,
+            "{kind:?}: loss {l_gpu} on CUDA, {l_cpu} on the CPU (relative {rel:e})"
+        );
+        assert_eq!(g_cpu.len(), params.len());
+        let mut worst = (0.0f64, String::new());
+        for (name, c) in &g_cpu {
+            let g = &g_gpu[name];
+            let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-30);
+            assert!(
+                err < MODEL_TOL,
+                "{kind:?}: gradient of {name} on CUDA differs from the CPU by {err:e} (relative)"
+            );
+            if err > worst.0 {
+                worst = (err, name.clone());
+            }
+        }
+        println!(
+            "separator ({kind:?}): loss {l_cpu} (relative difference {rel:e}); {} gradients, worst {:e} ({})",
+            g_cpu.len(),
+            worst.0,
+            worst.1
+        );
+    }
+    Ok(())
+}
