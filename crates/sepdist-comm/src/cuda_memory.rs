@@ -212,25 +212,26 @@ impl DevicePool {
     }
 }
 
+/// For the crate's GPU tests: GPU 0, or `None` (with the reason printed) where none opens.
+#[cfg(test)]
+pub(crate) fn test_gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("skipped: no CUDA device opens here ({e})");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Tensor};
 
-    /// GPU 0, or `None` (with the reason printed) where none opens.
-    fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                println!("skipped: no CUDA device opens here ({e})");
-                None
-            }
-        }
-    }
-
     #[test]
     fn pool_counters_follow_an_allocation_and_its_drop() {
-        let Some(device) = gpu() else { return };
+        let Some(device) = test_gpu() else { return };
         let pool = DevicePool::of(&device).expect("a CUDA device");
         assert!(DevicePool::of(&Device::Cpu).is_none());
         assert!(

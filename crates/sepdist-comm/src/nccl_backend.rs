@@ -885,17 +885,6 @@ mod tests {
 
     const T: Duration = Duration::from_secs(60);
 
-    /// GPU 0, or `None` (with the reason printed) where none opens.
-    fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                println!("skipped: no CUDA device opens here ({e})");
-                None
-            }
-        }
-    }
-
     fn single(device: &Device, timeout: Duration) -> Group {
         let stream = match device {
             Device::Cuda(d) => d.cuda_stream(),
@@ -907,7 +896,9 @@ mod tests {
 
     #[test]
     fn one_rank_collectives_on_gpu0() {
-        let Some(device) = gpu() else { return };
+        let Some(device) = crate::cuda_memory::test_gpu() else {
+            return;
+        };
         let g = single(&device, T);
         for round in 0..3 {
             // Same shapes each round: the second and third reuse the cached staging buffers.
@@ -947,7 +938,9 @@ mod tests {
 
     #[test]
     fn set_up_times_out_when_a_rank_never_joins() {
-        let Some(device) = gpu() else { return };
+        let Some(device) = crate::cuda_memory::test_gpu() else {
+            return;
+        };
         let stream = match &device {
             Device::Cuda(d) => d.cuda_stream(),
             _ => panic!("not a CUDA device"),
@@ -972,7 +965,9 @@ mod tests {
     /// The whole backend as `init` builds it: MPI singleton (no mpirun), GPU of local rank 0.
     #[test]
     fn singleton_nccl_communicator() {
-        let Some(_) = gpu() else { return };
+        let Some(_) = crate::cuda_memory::test_gpu() else {
+            return;
+        };
         let c = Nccl::init_with_env(T, &|_: &str| None::<String>).expect("NCCL init");
         assert_eq!((c.rank(), c.world_size(), c.backend_name()), (0, 1, "nccl"));
         assert_eq!(c.gpu(), 0);

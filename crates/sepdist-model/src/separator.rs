@@ -173,11 +173,12 @@ enum Slots {
 #[derive(Debug)]
 pub struct SavedForward {
     x: Tensor,
-    hn: Tensor,
+    /// The norms' outputs: `None` under checkpointing (recomputed where used).
+    hn: Option<Tensor>,
     qkv: Tensor,
     fo: Tensor,
     xs: Tensor,
-    hn2: Tensor,
+    hn2: Option<Tensor>,
     hid: Tensor,
 }
 
@@ -395,22 +396,9 @@ impl Block {
         ctx: &ForwardContext,
     ) -> Result<(Tensor, SavedForward)> {
         let p = self.layer_params(params)?;
-        let x = x.detach();
-        let (seq, rope) = self.sequences(&x, ctx)?;
-        let (hn, qkv, fo) = self.attention_forward(&p, &x, seq, rope)?;
-        let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
-        let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
-        let hid = ffn::linear_bias(&hn2, &p.w1, &p.b1)?;
-        let y = (&xs + ffn::gelu_linear_bias(&hid, &p.w2, &p.b2)?)?;
-        let saved = SavedForward {
-            x,
-            hn,
-            qkv,
-            fo,
-            xs,
-            hn2,
-            hid,
-        };
+        let (seq, rope) = self.sequences(x, ctx)?;
+        let saved = self.forward_kept(&p, x.detach(), seq, rope, true)?;
+        let y = (&saved.xs + ffn::gelu_linear_bias(&saved.hid, &p.w2, &p.b2)?)?;
         Ok((y, saved))
     }
 
@@ -427,19 +415,9 @@ impl Block {
         ctx: &ForwardContext,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let p = self.layer_params(params)?;
-        let SavedForward {
-            x,
-            hn,
-            qkv,
-            fo,
-            xs,
-            hn2,
-            hid,
-        } = saved;
-        let (seq, rope) = self.sequences(&x, ctx)?;
-        let (dxs, ffn_grads) = Self::ffn_backward(&p, xs, hid, Some(hn2), dy)?;
-        let (dx, attn_grads) = self.attention_backward(&p, x, Some(hn), qkv, fo, dxs, seq, rope)?;
-        self.assemble(params.len(), attn_grads, ffn_grads, dx)
+        let (seq, rope) = self.sequences(&saved.x, ctx)?;
+        let (dx, grads) = self.backward_kept(&p, saved, dy, seq, rope)?;
+        self.assemble(params.len(), grads, dx)
     }
 
     /// Activation checkpointing's backward of a transformer from its input `x` alone: the
@@ -454,31 +432,63 @@ impl Block {
         ctx: &ForwardContext,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let p = self.layer_params(params)?;
-        let x = x.detach();
-        let (seq, rope) = self.sequences(&x, ctx)?;
-        let (_, qkv, fo) = self.attention_forward(&p, &x, seq, rope)?;
-        let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
-        let hid = {
-            let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
-            ffn::linear_bias(&hn2, &p.w1, &p.b1)?
-        };
-        let (dxs, ffn_grads) = Self::ffn_backward(&p, xs, hid, None, dy)?;
-        let (dx, attn_grads) = self.attention_backward(&p, x, None, qkv, fo, dxs, seq, rope)?;
-        self.assemble(params.len(), attn_grads, ffn_grads, dx)
+        let (seq, rope) = self.sequences(x, ctx)?;
+        let saved = self.forward_kept(&p, x.detach(), seq, rope, false)?;
+        let (dx, grads) = self.backward_kept(&p, saved, dy, seq, rope)?;
+        self.assemble(params.len(), grads, dx)
     }
 
-    /// `norm(x)`, its q/k/v and the attention output ‖ log-sum-exp.
-    fn attention_forward(
+    /// The forward up to what the backward needs (the feed-forward's hidden pre-activation);
+    /// the norms' outputs are kept only when `keep_norms`, else dropped after their use.
+    fn forward_kept(
         &self,
         p: &LayerParams,
-        x: &Tensor,
+        x: Tensor,
         seq: SeqLayout,
         rope: &Rope,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let hn = norm::rms_norm(x, &p.g1, RMS_EPS)?;
+        keep_norms: bool,
+    ) -> Result<SavedForward> {
+        let hn = norm::rms_norm(&x, &p.g1, RMS_EPS)?;
         let qkv = attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?;
+        let hn = keep_norms.then_some(hn);
         let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
-        Ok((hn, qkv, fo))
+        let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
+        let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
+        let hid = ffn::linear_bias(&hn2, &p.w1, &p.b1)?;
+        let hn2 = keep_norms.then_some(hn2);
+        Ok(SavedForward {
+            x,
+            hn,
+            qkv,
+            fo,
+            xs,
+            hn2,
+            hid,
+        })
+    }
+
+    /// The feed-forward's backward, then the attention's: the gradient of the block's input
+    /// and the parameters' in slot order.
+    fn backward_kept(
+        &self,
+        p: &LayerParams,
+        saved: SavedForward,
+        dy: Tensor,
+        seq: SeqLayout,
+        rope: &Rope,
+    ) -> Result<(Tensor, [Tensor; 8])> {
+        let SavedForward {
+            x,
+            hn,
+            qkv,
+            fo,
+            xs,
+            hn2,
+            hid,
+        } = saved;
+        let (dxs, [dg2, dw1, db1, dw2, db2]) = Self::ffn_backward(p, xs, hid, hn2, dy)?;
+        let (dx, [dg1, dwqkv, dwo]) = self.attention_backward(p, x, hn, qkv, fo, dxs, seq, rope)?;
+        Ok((dx, [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2]))
     }
 
     fn attention_scale(&self) -> f64 {
@@ -501,7 +511,8 @@ impl Block {
             Some(hn2) => hn2,
             None => norm::rms_norm(&xs, &p.g2, RMS_EPS)?,
         };
-        let (dhn2, dw1, db1) = ffn::linear_bias_backward_owned(hn2, &p.w1, &p.b1, dhid)?;
+        let (dhn2, dw1, db1) = ffn::linear_bias_backward(hn2, &p.w1, &p.b1, &dhid)?;
+        drop(dhid);
         let (dxs_norm, dg2) = norm::rms_norm_backward(&xs, &p.g2, &dhn2, RMS_EPS)?;
         drop((dhn2, xs));
         let dxs = (dy + dxs_norm)?;
@@ -549,22 +560,21 @@ impl Block {
         Ok((dx, [dg1, dwqkv, dwo]))
     }
 
-    /// The gradients in `params` order (slot order: g1, wqkv, wo, g2, w1, b1, w2, b2).
+    /// The gradients in `params` order, from slot order (g1, wqkv, wo, g2, w1, b1, w2, b2).
     fn assemble(
         &self,
         n_params: usize,
-        [dg1, dwqkv, dwo]: [Tensor; 3],
-        [dg2, dw1, db1, dw2, db2]: [Tensor; 5],
+        grads: [Tensor; 8],
         dx: Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let Slots::Transformer(slots) = &self.slots else {
             return Err(self.not_a_transformer());
         };
-        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
-        for (slot, g) in slots.iter().zip([dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2]) {
-            grads[self.pos[*slot]] = Some(g);
+        let mut by_param: Vec<Option<Tensor>> = vec![None; n_params];
+        for (slot, g) in slots.iter().zip(grads) {
+            by_param[self.pos[*slot]] = Some(g);
         }
-        Ok((dx, grads.into_iter().flatten().collect()))
+        Ok((dx, by_param.into_iter().flatten().collect()))
     }
 
     /// A transformer's parameters, detached (the hand-written backward builds no graph).

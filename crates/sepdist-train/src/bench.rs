@@ -105,12 +105,7 @@ pub fn bench(
     if steps == 0 {
         return Err(TrainError::Setup("--steps must be at least 1".into()));
     }
-    let selected = crate::device::select(t.device, comm.topology().local_rank)?;
-    if let (Some(note), 0) = (&selected.note, comm.rank()) {
-        eprintln!("{note}");
-    }
-    let device = selected.device;
-    crate::device::configure(&device, t)?;
+    let device = crate::device::open(t, comm)?;
     let gpu_memory = crate::device::memory_counter(&device);
     let (rank, world) = (comm.rank(), comm.world_size());
     let data = crate::trainer::open_dataset(cfg, comm)?;

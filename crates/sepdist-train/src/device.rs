@@ -20,6 +20,7 @@ use crate::oom::{CpuMemory, DeviceMemory};
 use crate::plan::{DeviceKind, DeviceSpec, cpu_threads};
 use crate::trainer::TrainError;
 use candle_core::{Device, DeviceLocation};
+use sepdist_comm::Communicator;
 use sepdist_config::{DeviceChoice, TrainingConfig};
 use std::sync::Arc;
 
@@ -52,6 +53,17 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Selected, Train
         }),
         Err(message) => Err(TrainError::Setup(message)),
     }
+}
+
+/// This rank's device for `train` and `bench`: [`select`]ed by `training.device` for the
+/// rank's local rank (rank 0 prints why `auto` fell back to the CPU), then [`configure`]d.
+pub fn open(t: &TrainingConfig, comm: &dyn Communicator) -> Result<Device, TrainError> {
+    let selected = select(t.device, comm.topology().local_rank)?;
+    if let (Some(note), 0) = (&selected.note, comm.rank()) {
+        eprintln!("{note}");
+    }
+    configure(&selected.device, t)?;
+    Ok(selected.device)
 }
 
 /// What [`decide`] picked: the opened GPU, or the CPU (with the reason when `auto` had to).

@@ -195,8 +195,10 @@ where
     ) -> Result<(), E> {
         for (&i, g) in engine.piece_params(piece).iter().zip(grads) {
             if let Some(g) = g {
-                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for (acc, x) in self.flat_grads[engine.layout.range(i)].iter_mut().zip(g) {
+                for (acc, x) in self.flat_grads[engine.layout.range(i)]
+                    .iter_mut()
+                    .zip(host_f32(g)?)
+                {
                     *acc += x;
                 }
             }
@@ -257,7 +259,7 @@ where
         let mut out = Vec::with_capacity(len);
         for (&i, g) in ids.iter().zip(grads) {
             match g {
-                Some(g) => out.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                Some(g) => out.extend(host_f32(g)?),
                 None => out.resize(out.len() + engine.layout.specs[i].numel(), 0.0),
             }
         }
@@ -293,6 +295,11 @@ impl std::fmt::Debug for Engine {
             .field("recompute", &self.recompute)
             .finish()
     }
+}
+
+/// A gradient's values as host fp32, flattened.
+fn host_f32(g: &Tensor) -> candle_core::Result<Vec<f32>> {
+    g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// The gradients of `params` in `grads`, in their order (views of the store's tensors).

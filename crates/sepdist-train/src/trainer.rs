@@ -264,12 +264,7 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         ));
     }
     // The GPU of this rank's local rank (NCCL's backend opened the same one), or the CPU.
-    let selected = crate::device::select(t.device, comm.topology().local_rank)?;
-    if let (Some(note), 0) = (&selected.note, comm.rank()) {
-        eprintln!("{note}");
-    }
-    let device = selected.device;
-    crate::device::configure(&device, t)?;
+    let device = crate::device::open(t, comm)?;
     // Before anything of the model's size exists: refuse, or refit, a config that does not fit.
     let cfg = crate::oom::preflight(
         cfg,

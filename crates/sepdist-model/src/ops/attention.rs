@@ -280,41 +280,40 @@ impl candle_core::InplaceOp3 for FlashAttnBwdInPlace {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let name = self.name();
+        match s1 {
+            CpuStorage::F32(v) => self.run(v, l1, s2, l2, s3, l3),
+            CpuStorage::F64(v) => self.run(v, l1, s2, l2, s3, l3),
+            s => Err(unsupported_dtype(self.name(), s.dtype())),
+        }
+    }
+}
+
+impl FlashAttnBwdInPlace {
+    fn run<T: Real>(
+        &self,
+        qkv: &mut [T],
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let name = "flash-attention-bwd-in-place";
         let (start, end) = l1
             .contiguous_offsets()
             .ok_or_else(|| Error::Msg(format!("{name}: expected a contiguous input")))?;
-        let (t, d) = (self.t, self.d);
-        let check = |qkv: usize, o: usize, g: usize| {
-            if o != qkv / 3 / d * (d + 1) || g != o {
-                Err(Error::Msg(format!(
-                    "{name}: saved tensors have the wrong size"
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        match s1 {
-            CpuStorage::F32(v) => {
-                let qkv = v
-                    .get_mut(start..end)
-                    .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
-                let o = contiguous_slice::<f32>(s2, l2, name)?;
-                let g = contiguous_slice::<f32>(s3, l3, name)?;
-                check(qkv.len(), o.len(), g.len())?;
-                flash_bwd_cpu_in_place(qkv, o, g, t, d, cast(self.scale));
-            }
-            CpuStorage::F64(v) => {
-                let qkv = v
-                    .get_mut(start..end)
-                    .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
-                let o = contiguous_slice::<f64>(s2, l2, name)?;
-                let g = contiguous_slice::<f64>(s3, l3, name)?;
-                check(qkv.len(), o.len(), g.len())?;
-                flash_bwd_cpu_in_place(qkv, o, g, t, d, self.scale);
-            }
-            s => return Err(unsupported_dtype(name, s.dtype())),
+        let qkv = qkv
+            .get_mut(start..end)
+            .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
+        let o = contiguous_slice::<T>(s2, l2, name)?;
+        let g = contiguous_slice::<T>(s3, l3, name)?;
+        let d = self.d;
+        if o.len() != qkv.len() / 3 / d * (d + 1) || g.len() != o.len() {
+            return Err(Error::Msg(format!(
+                "{name}: saved tensors have the wrong size"
+            )));
         }
+        flash_bwd_cpu_in_place(qkv, o, g, self.t, d, cast(self.scale));
         Ok(())
     }
 }

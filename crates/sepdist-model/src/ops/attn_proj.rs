@@ -101,16 +101,7 @@ pub fn qkv_rope(
     if !matches!(hn.device(), Device::Cpu) || hn.dtype() != w.dtype() {
         return qkv_rope_composed(hn, w, rope, seq, heads);
     }
-    let (cos, sin) = rope.tables();
-    let op = QkvRope {
-        shape: Heads {
-            seq,
-            heads,
-            head_dim: dh,
-        },
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-    };
+    let op = QkvRope::new(rope, seq, heads)?;
     hn.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
@@ -164,15 +155,7 @@ pub fn out_proj_residual(
     if !matches!(x.device(), Device::Cpu) || fo.dtype() != x.dtype() || wo.dtype() != x.dtype() {
         return out_proj_residual_composed(fo, wo, x, seq, head_dim);
     }
-    let op = OutProj {
-        shape: Heads {
-            seq,
-            heads,
-            head_dim,
-        },
-        width: e,
-        d,
-    };
+    let op = OutProj::new(fo, wo, seq, head_dim)?;
     fo.contiguous()?
         .apply_op3(&wo.contiguous()?, &x.contiguous()?, op)
 }
@@ -195,7 +178,6 @@ pub fn out_proj_residual_composed(
     x + o.matmul(&wo.t()?)?.reshape(x.shape())?
 }
 
-/// Forward op of [`qkv_rope`]: `(hn, w)` → `[3, S, H, L, Dh]`.
 /// The backward of [`qkv_rope`] without a graph (the fused op's, on the CPU): `(d hn, d w)`
 /// for the gradient `grad` of its `[3, S, H, L, Dh]` output. For a block's hand-written
 /// backward: `grad` is dropped once unpacked into the projection's rows, and `hn` is asked for
@@ -208,17 +190,7 @@ pub fn qkv_rope_backward(
     heads: usize,
     grad: Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (cos, sin) = rope.tables();
-    let op = QkvRope {
-        shape: Heads {
-            seq,
-            heads,
-            head_dim: rope.head_dim(),
-        },
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-    };
-    let gq = op.unpack(&grad)?;
+    let gq = QkvRope::new(rope, seq, heads)?.unpack(&grad)?;
     drop(grad);
     match QkvRope::project_back(&gq, &hn()?, w, true, true)? {
         (Some(dhn), Some(dw)) => Ok((dhn, dw)),
@@ -235,27 +207,33 @@ pub fn out_proj_residual_backward(
     head_dim: usize,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (_, heads, _, e) = fo.dims4()?;
-    let op = OutProj {
-        shape: Heads {
-            seq,
-            heads,
-            head_dim,
-        },
-        width: e,
-        d: wo.dim(0)?,
-    };
-    match op.backward(fo, wo, grad, true, true)? {
+    match OutProj::new(fo, wo, seq, head_dim)?.backward(fo, wo, grad, true, true)? {
         (Some(dfo), Some(dwo)) => Ok((dfo, dwo)),
         _ => Err(Error::Msg("out_proj_residual_backward: no gradient".into())),
     }
 }
 
+/// Forward op of [`qkv_rope`]: `(hn, w)` → `[3, S, H, L, Dh]`.
 struct QkvRope {
     shape: Heads,
     /// RoPE tables `[max_len, Dh]` (each pair's value twice).
     cos: Tensor,
     sin: Tensor,
+}
+
+impl QkvRope {
+    fn new(rope: &Rope, seq: SeqLayout, heads: usize) -> Result<Self> {
+        let (cos, sin) = rope.tables();
+        Ok(QkvRope {
+            shape: Heads {
+                seq,
+                heads,
+                head_dim: rope.head_dim(),
+            },
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })
+    }
 }
 
 /// Row chunks of the QKV projection: its `[rows, 3·I]` matmul result is a temporary of the
@@ -513,6 +491,19 @@ struct OutProj {
 }
 
 impl OutProj {
+    fn new(fo: &Tensor, wo: &Tensor, seq: SeqLayout, head_dim: usize) -> Result<Self> {
+        let (_, heads, _, width) = fo.dims4()?;
+        Ok(OutProj {
+            shape: Heads {
+                seq,
+                heads,
+                head_dim,
+            },
+            width,
+            d: wo.dim(0)?,
+        })
+    }
+
     /// The attention output gathered into rows: `[rows, H·Dh]`.
     fn gather<T: Real>(&self, fo: &[T]) -> Vec<T> {
         let Heads {

@@ -44,9 +44,10 @@ pub fn gelu_linear_bias_composed(h: &Tensor, w: &Tensor, b: &Tensor) -> Result<T
 }
 
 /// The backward of [`linear_bias`] without a graph (the fused op's, on the CPU): `(dx, dw,
-/// db)` for the output's gradient `grad`. For a block's hand-written backward.
+/// db)` for the output's gradient `grad`. For a block's hand-written backward: `x` is taken
+/// and dropped once `dw` is computed, so that it is gone before `dx` is allocated.
 pub fn linear_bias_backward(
-    x: &Tensor,
+    x: Tensor,
     w: &Tensor,
     b: &Tensor,
     grad: &Tensor,
@@ -54,44 +55,25 @@ pub fn linear_bias_backward(
     fused_backward(x, w, b, grad, false)
 }
 
-/// The backward of [`gelu_linear_bias`] without a graph, as [`linear_bias_backward`].
+/// The backward of [`gelu_linear_bias`] without a graph, as [`linear_bias_backward`] (`h` is
+/// needed to the end: `dh` uses `gelu'(h)`).
 pub fn gelu_linear_bias_backward(
     h: &Tensor,
     w: &Tensor,
     b: &Tensor,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    fused_backward(h, w, b, grad, true)
-}
-
-/// [`linear_bias_backward`] taking `x` and `grad` by value: `x` is dropped once `dw` is
-/// computed and `grad` once `dx` is, so that `x` and `dx` are never held together. The same
-/// products as the fused op's backward.
-pub fn linear_bias_backward_owned(
-    x: Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    grad: Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (rows, din, dout) = dims(&x, w, b)?;
-    let shape = x.shape().clone();
-    let g = grad.contiguous()?.reshape((rows, dout))?;
-    drop(grad);
-    let dw = g.t()?.matmul(&x.reshape((rows, din))?)?;
-    drop(x);
-    let db = g.sum(0)?;
-    let dx = g.matmul(&w.detach())?.reshape(shape)?;
-    Ok((dx, dw, db))
+    fused_backward(h.clone(), w, b, grad, true)
 }
 
 fn fused_backward(
-    x: &Tensor,
+    x: Tensor,
     w: &Tensor,
     b: &Tensor,
     grad: &Tensor,
     gelu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (rows, din, dout) = dims(x, w, b)?;
+    let (rows, din, dout) = dims(&x, w, b)?;
     let op = Linear {
         rows,
         din,
@@ -261,15 +243,21 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, grad, [x.track_op(), w.track_op(), b.track_op()])
+        self.backward(
+            x.clone(),
+            w,
+            grad,
+            [x.track_op(), w.track_op(), b.track_op()],
+        )
     }
 }
 
 impl Linear {
-    /// `(dx, dw, db)`, each computed when `want` says so.
+    /// `(dx, dw, db)`, each computed when `want` says so. Without GELU, `x` (this handle) is
+    /// dropped once `dw` is computed: `dx` does not need it.
     fn backward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         w: &Tensor,
         grad: &Tensor,
         want: [bool; 3],
@@ -280,7 +268,9 @@ impl Linear {
             "linear-bwd"
         };
         let g = grad.contiguous()?.reshape((self.rows, self.dout))?;
+        let shape = x.shape().clone();
         let x2 = x.detach().reshape((self.rows, self.din))?;
+        drop(x);
         // dw = gᵀ · act(x); the activation is recomputed, a temporary.
         let dw = if want[1] {
             Some(if self.gelu {
@@ -299,17 +289,20 @@ impl Linear {
             None
         };
         let db = want[2].then(|| g.sum(0)).transpose()?;
+        // `dx` needs `x` only through GELU's derivative.
+        let h = self.gelu.then_some(x2);
         let dx = if want[0] {
             let da = g.matmul(&w.detach())?;
-            Some(if self.gelu {
-                // dh = da ∘ gelu'(h), into a new buffer (the product's own).
-                let prod =
-                    |d: &[f32]| with_slice::<f32, _>(&x2, name, |h| Ok(times_gelu_grad(d, h)));
-                let prod64 =
-                    |d: &[f64]| with_slice::<f64, _>(&x2, name, |h| Ok(times_gelu_grad(d, h)));
-                map_tensor(&da, x.shape(), name, prod, prod64)?
-            } else {
-                da.reshape(x.shape())?
+            Some(match &h {
+                Some(h) => {
+                    // dh = da ∘ gelu'(h), into a new buffer (the product's own).
+                    let prod =
+                        |d: &[f32]| with_slice::<f32, _>(h, name, |h| Ok(times_gelu_grad(d, h)));
+                    let prod64 =
+                        |d: &[f64]| with_slice::<f64, _>(h, name, |h| Ok(times_gelu_grad(d, h)));
+                    map_tensor(&da, &shape, name, prod, prod64)?
+                }
+                None => da.reshape(shape)?,
             })
         } else {
             None

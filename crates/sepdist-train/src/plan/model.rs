@@ -310,54 +310,32 @@ fn transformer(t: &mut Tape, s: &Shapes, x: Id, time: bool, tracked: bool) -> Id
 /// `Block::transformer`: one pre-norm layer of fused ops.
 fn transformer_body(t: &mut Tape, s: &Shapes, xs: Id, time: bool, tracked: bool) -> Id {
     t.begin();
-    let u = s.unit();
-    let d = s.dim;
-    let rows = u / d;
-    let ffn = s.ffn[usize::from(!time)];
-    let hid = rows * ffn;
-    let inner = s.heads * s.head_dim;
-    let rows_inner = rows * inner;
-    let p = |t: &mut Tape, e: u64| param(t, s, e, tracked);
-    let g1 = p(t, d);
-    let wqkv = p(t, 3 * inner * d);
-    let wo = p(t, d * inner);
-    let g2 = p(t, d);
-    let w1 = p(t, ffn * d);
-    let b1 = p(t, ffn);
-    let w2 = p(t, d * ffn);
-    let b2 = p(t, d);
+    let l = layer(s, time);
     let es = s.es;
+    let [g1, wqkv, wo, g2, w1, b1, w2, b2] = layer_param_elems(&l).map(|e| param(t, s, e, tracked));
+    // Each intermediate's handle is dropped after its last use (freed when untracked).
     // Attention: the QKV kernel permutes its `[rows, 3·I]` matmul result, made for one chunk
     // of sequences at a time (a temporary).
-    let hn = rms_norm(t, xs, g1, d);
-    let qkv = t.fused(
-        Fused::QkvRope,
-        &[hn, wqkv],
-        3 * rows_inner,
-        layer(s, time).qkv_scratch,
-    );
-    // Each intermediate's handle is dropped after its last use (freed when untracked).
+    let hn = rms_norm(t, xs, g1, l.d);
+    let qkv = t.fused(Fused::QkvRope, &[hn, wqkv], 3 * l.rows_inner, l.qkv_scratch);
     t.drop_local(hn);
-    let fo = t.fused(
-        Fused::FlashPacked,
-        &[qkv],
-        rows_inner / s.head_dim * (s.head_dim + 1),
-        0,
-    );
+    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
     t.drop_local(qkv);
     // The output projection gathers `o` into rows (a temporary) for its matmul.
     let xs = t.fused(
-        Fused::OutProj { rows_inner },
+        Fused::OutProj {
+            rows_inner: l.rows_inner,
+        },
         &[fo, wo, xs],
-        u,
-        rows_inner * es,
+        l.u,
+        l.rows_inner * es,
     );
     t.drop_local(fo);
     // Feed-forward: GELU of the hidden layer is a temporary of the second kernel.
-    let hn = rms_norm(t, xs, g2, d);
-    let h = t.fused(Fused::Linear { gelu: false }, &[hn, w1, b1], hid, 0);
+    let hn = rms_norm(t, xs, g2, l.d);
+    let h = t.fused(Fused::Linear { gelu: false }, &[hn, w1, b1], l.hid, 0);
     t.drop_local(hn);
-    let out = t.fused(Fused::Linear { gelu: true }, &[h, w2, b2], u, hid * es);
+    let out = t.fused(Fused::Linear { gelu: true }, &[h, w2, b2], l.u, l.hid * es);
     t.drop_local(h);
     let y = t.binary(Bin::Add, xs, out);
     t.end(&[y]);
@@ -367,13 +345,19 @@ fn transformer_body(t: &mut Tape, s: &Shapes, xs: Id, time: bool, tracked: bool)
 /// What `Block::forward_saved` keeps for `Block::backward_saved` (handles in custody), with
 /// the parameters the engine holds from the forward to the backward.
 pub(crate) struct Saved {
+    time: bool,
     params: [Id; 8],
+    kept: Kept1,
+}
+
+/// `SavedForward`'s tensors (handles in custody); the norms' outputs only when kept.
+struct Kept1 {
     x: Id,
-    hn: Id,
+    hn: Option<Id>,
     qkv: Id,
     fo: Id,
     xs: Id,
-    hn2: Id,
+    hn2: Option<Id>,
     hid: Id,
 }
 
@@ -433,39 +417,33 @@ fn layer_param_elems(l: &Layer) -> [u64; 8] {
     ]
 }
 
-/// `Block::attention_forward` (without a graph): `norm(x)`, q/k/v and the attention output,
-/// handles of the current scope.
-fn attention_forward(t: &mut Tape, l: &Layer, x: Id, pd: &[Id; 8]) -> [Id; 3] {
-    let hn = rms_norm(t, x, pd[0], l.d);
+/// `Block::forward_kept` without a graph on the (detached) input `xd` with the detached
+/// parameters `pd`: the saved tensors in custody, the norms' outputs dropped after their use
+/// unless `keep_norms`.
+fn forward_kept(
+    t: &mut Tape,
+    l: &Layer,
+    s: &Shapes,
+    xd: Id,
+    pd: &[Id; 8],
+    keep_norms: bool,
+) -> Kept1 {
+    let hn = rms_norm(t, xd, pd[0], l.d);
     let qkv = t.fused(
         Fused::QkvRope,
         &[hn, pd[1]],
         3 * l.rows_inner,
         l.qkv_scratch,
     );
+    let hn = keep(t, hn, keep_norms);
     let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
-    [hn, qkv, fo]
-}
-
-/// `Block::forward_saved` (keep policy): the transformer's fused ops without a graph, the
-/// parameters (fetched untracked) and the tensors its backward needs returned in custody, the
-/// output as a handle of the caller's scope.
-fn transformer_saved(t: &mut Tape, s: &Shapes, x: Id, time: bool) -> (Id, Saved) {
-    t.begin();
-    let l = layer(s, time);
-    let es = s.es;
-    let params = layer_param_elems(&l).map(|e| param(t, s, e, false));
-    // `layer_params` detaches each parameter: a header each.
-    let pd = params.map(|p| t.detach(p));
-    let xd = t.detach(x);
-    let [hn, qkv, fo] = attention_forward(t, &l, xd, &pd);
     let xs = t.fused(
         Fused::OutProj {
             rows_inner: l.rows_inner,
         },
         &[fo, pd[2], xd],
         l.u,
-        l.rows_inner * es,
+        l.rows_inner * s.es,
     );
     let hn2 = rms_norm(t, xs, pd[3], l.d);
     let hid = t.fused(
@@ -474,28 +452,57 @@ fn transformer_saved(t: &mut Tape, s: &Shapes, x: Id, time: bool) -> (Id, Saved)
         l.hid,
         0,
     );
-    let out = t.fused(
-        Fused::Linear { gelu: true },
-        &[hid, pd[6], pd[7]],
-        l.u,
-        l.hid * es,
-    );
-    let y = t.binary(Bin::Add, xs, out);
-    t.drop_local(out);
-    let mut keep = vec![xd, hn, qkv, fo, xs, hn2, hid, y];
-    keep.extend(params);
-    t.end(&keep);
-    let saved = Saved {
-        params: params.map(|p| t.take(p)),
+    let hn2 = keep(t, hn2, keep_norms);
+    Kept1 {
         x: t.take(xd),
-        hn: t.take(hn),
+        hn,
         qkv: t.take(qkv),
         fo: t.take(fo),
         xs: t.take(xs),
-        hn2: t.take(hn2),
+        hn2,
         hid: t.take(hid),
-    };
-    (y, saved)
+    }
+}
+
+/// A scope handle moved into custody when `keep`, else dropped.
+fn keep(t: &mut Tape, id: Id, keep: bool) -> Option<Id> {
+    if keep {
+        Some(t.take(id))
+    } else {
+        t.drop_local(id);
+        None
+    }
+}
+
+/// The engine's fetch of a transformer's parameters (untracked, in custody) and
+/// `Block::layer_params`' detached copies (scope handles).
+fn layer_params(t: &mut Tape, s: &Shapes, l: &Layer) -> ([Id; 8], [Id; 8]) {
+    let params = layer_param_elems(l).map(|e| {
+        let p = param(t, s, e, false);
+        t.take(p)
+    });
+    let pd = params.map(|p| t.detach(p));
+    (params, pd)
+}
+
+/// `Block::forward_saved` (keep policy): the saved tensors and the parameters in custody, the
+/// output as a handle of the caller's scope.
+fn transformer_saved(t: &mut Tape, s: &Shapes, x: Id, time: bool) -> (Id, Saved) {
+    t.begin();
+    let l = layer(s, time);
+    let (params, pd) = layer_params(t, s, &l);
+    let xd = t.detach(x);
+    let kept = forward_kept(t, &l, s, xd, &pd, true);
+    let out = t.fused(
+        Fused::Linear { gelu: true },
+        &[kept.hid, pd[6], pd[7]],
+        l.u,
+        l.hid * s.es,
+    );
+    let y = t.binary(Bin::Add, kept.xs, out);
+    t.drop_local(out);
+    t.end(&[y]);
+    (y, Saved { time, params, kept })
 }
 
 /// `rms_norm_backward`: one buffer (dx ‖ dγ), dγ copied out; returns (dx, dγ) handles.
@@ -599,20 +606,27 @@ fn attention_backward(
     (dx, [dg1, dwqkv, dwo])
 }
 
-/// After a hand-written backward: the engine drops the parameters, delivers the gradients and
-/// drops them; the input's gradient goes to custody.
-fn finish_backward(
+/// `Block::backward_kept` from the output's gradient `dy` (taken), then the engine's part:
+/// the parameters dropped, the gradients delivered and dropped. Returns the input's gradient
+/// in custody.
+fn backward_kept(
     t: &mut Tape,
-    params: [Id; 8],
-    grads: [Id; 8],
-    dx: Id,
+    l: &Layer,
+    s: &Shapes,
+    (params, pd): ([Id; 8], [Id; 8]),
+    kept: Kept1,
+    dy: Id,
     deliver: impl FnOnce(&mut Tape),
 ) -> Id {
+    let (dxs, [dg2, dw1, db1, dw2, db2]) =
+        ffn_backward(t, l, s, &pd, [kept.xs, kept.hid], kept.hn2, dy);
+    let (dx, [dg1, dwqkv, dwo]) =
+        attention_backward(t, l, s, &pd, [kept.x, kept.qkv, kept.fo], kept.hn, dxs);
     for p in params {
         t.release(p);
     }
     deliver(t);
-    for g in grads {
+    for g in [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2] {
         t.drop_local(g);
     }
     t.end(&[dx]);
@@ -626,30 +640,17 @@ fn transformer_backward(
     s: &Shapes,
     saved: Saved,
     dy: Id,
-    time: bool,
     deliver: impl FnOnce(&mut Tape),
 ) -> Id {
     t.begin();
-    let l = layer(s, time);
+    let l = layer(s, saved.time);
     let pd = saved.params.map(|p| t.detach(p));
-    let (dxs, [dg2, dw1, db1, dw2, db2]) =
-        ffn_backward(t, &l, s, &pd, [saved.xs, saved.hid], Some(saved.hn2), dy);
-    let (dx, [dg1, dwqkv, dwo]) = attention_backward(
-        t,
-        &l,
-        s,
-        &pd,
-        [saved.x, saved.qkv, saved.fo],
-        Some(saved.hn),
-        dxs,
-    );
-    let grads = [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2];
-    finish_backward(t, saved.params, grads, dx, deliver)
+    backward_kept(t, &l, s, (saved.params, pd), saved.kept, dy, deliver)
 }
 
-/// `Block::backward_recomputed` on the kept input `x` (a handle of the caller's scope, which
-/// the engine drops after the call), parameters fetched untracked, the output's gradient `dy`
-/// taken: returns the input's gradient in custody.
+/// `Block::backward_recomputed` on the kept input `x` (in custody; the engine drops it after
+/// the call, in `deliver`), parameters fetched untracked, the output's gradient `dy` taken:
+/// returns the input's gradient in custody.
 fn transformer_recomputed_backward(
     t: &mut Tape,
     s: &Shapes,
@@ -660,36 +661,10 @@ fn transformer_recomputed_backward(
 ) -> Id {
     t.begin();
     let l = layer(s, time);
-    let es = s.es;
-    let params = layer_param_elems(&l).map(|e| param(t, s, e, false));
-    let params = params.map(|p| t.take(p));
-    let pd = params.map(|p| t.detach(p));
+    let (params, pd) = layer_params(t, s, &l);
     let xd = t.detach(x);
-    // The forward again, the norms' outputs dropped after their use.
-    let [hn, qkv, fo] = attention_forward(t, &l, xd, &pd);
-    t.drop_local(hn);
-    let xs = t.fused(
-        Fused::OutProj {
-            rows_inner: l.rows_inner,
-        },
-        &[fo, pd[2], xd],
-        l.u,
-        l.rows_inner * es,
-    );
-    let hn2 = rms_norm(t, xs, pd[3], l.d);
-    let hid = t.fused(
-        Fused::Linear { gelu: false },
-        &[hn2, pd[4], pd[5]],
-        l.hid,
-        0,
-    );
-    t.drop_local(hn2);
-    let (xs, hid) = (t.take(xs), t.take(hid));
-    let (dxs, [dg2, dw1, db1, dw2, db2]) = ffn_backward(t, &l, s, &pd, [xs, hid], None, dy);
-    let (qkv, fo, xkeep) = (t.take(qkv), t.take(fo), t.take(xd));
-    let (dx, [dg1, dwqkv, dwo]) = attention_backward(t, &l, s, &pd, [xkeep, qkv, fo], None, dxs);
-    let grads = [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2];
-    finish_backward(t, params, grads, dx, deliver)
+    let kept = forward_kept(t, &l, s, xd, &pd, false);
+    backward_kept(t, &l, s, (params, pd), kept, dy, deliver)
 }
 
 /// Scratch of the iSTFT kernel of the separator's `n_fft` (window envelope in f64 and its
@@ -1008,8 +983,9 @@ enum Kept {
     Input(Id),
 }
 
-/// Whether a block kind runs its hand-written backward (`Block::has_own_backward`).
-fn own_backward(kind: BlockKind) -> Option<bool> {
+/// For the transformers, which run their hand-written backward (`Block::has_own_backward`):
+/// whether it is the time transformer.
+fn transformer_time(kind: BlockKind) -> Option<bool> {
     match kind {
         BlockKind::Time { .. } => Some(true),
         BlockKind::Band { .. } => Some(false),
@@ -1059,7 +1035,7 @@ pub(crate) fn micro_batch(
             let y = forward_block(&mut t, s, &ctx, block.kind, x, false);
             kept.push(Kept::Input(x));
             x = y;
-        } else if let Some(time) = own_backward(block.kind) {
+        } else if let Some(time) = transformer_time(block.kind) {
             gather(&mut t, block_piece(i));
             let (y, saved) = transformer_saved(&mut t, s, x, time);
             kept.push(Kept::Saved(saved));
@@ -1151,16 +1127,15 @@ pub(crate) fn micro_batch(
             Some(Kept::Graph(input, y)) => (input, y),
             Some(Kept::Saved(saved)) => {
                 let Some(gid) = g else { break };
-                let time = own_backward(blocks[i].kind) == Some(true);
-                g = Some(transformer_backward(&mut t, s, saved, gid, time, |t| {
+                g = Some(transformer_backward(&mut t, s, saved, gid, |t| {
                     deliver(t, block_piece(i), blocks[i].largest_param)
                 }));
                 comm_after(&mut t, i, &mut comm);
                 continue;
             }
-            Some(Kept::Input(xi)) if own_backward(blocks[i].kind).is_some() => {
+            Some(Kept::Input(xi)) if transformer_time(blocks[i].kind).is_some() => {
                 let Some(gid) = g else { break };
-                let time = own_backward(blocks[i].kind) == Some(true);
+                let time = transformer_time(blocks[i].kind) == Some(true);
                 gather(&mut t, block_piece(i));
                 // The engine drops its kept input after the call, before the delivery.
                 let xi = t.take(xi);
