@@ -69,6 +69,11 @@ impl Point {
 
     /// Runs the step; returns the train record of `metrics.jsonl`.
     fn measured(&self) -> serde_json::Value {
+        self.measured_step(1)
+    }
+
+    /// Runs the configured steps; returns the train record of step `step` of `metrics.jsonl`.
+    fn measured_step(&self, step: u64) -> serde_json::Value {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let mut cmd = if self.ranks == 1 {
@@ -102,7 +107,7 @@ impl Point {
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .find(|r| r["kind"] == "train")
+            .find(|r| r["kind"] == "train" && r["step"] == step)
             .unwrap()
     }
 }
@@ -258,12 +263,15 @@ fn plan_predicts_the_peak_of_zero_0_to_3_under_mpirun_within_10_percent() {
 
 /// The acceptance: activation checkpointing on a 4-layer config. The activations kept
 /// for the backward shrink to the block inputs; the peak above the step's start also holds the
-/// recomputed block's graph and its backward working set.
+/// recomputed block's working set. Measured on the second step: the first one also allocates,
+/// during its forward, what outlives it (the matmul kernels' per-thread packing buffers, about
+/// 1 MB here; the planner's "runtime"), which is not activation memory.
 #[test]
 fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
     let model = |ckpt: bool| {
         Point::new(
             &sets(&[
+                "training.max_steps=2".into(),
                 "model.n_layers=4".into(),
                 "model.emb_dim=64".into(),
                 "model.n_heads=4".into(),
@@ -277,7 +285,7 @@ fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
         )
     };
     let (keep, ckpt) = (model(false), model(true));
-    let (mk, mc) = (keep.measured(), ckpt.measured());
+    let (mk, mc) = (keep.measured_step(2), ckpt.measured_step(2));
     let field = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap() as f64;
     let kept_cut = 1.0 - field(&mc, "mem_activations_kept") / field(&mk, "mem_activations_kept");
     let peak_cut = 1.0 - field(&mc, "mem_activations_peak") / field(&mk, "mem_activations_peak");
@@ -296,11 +304,8 @@ fn checkpointing_cuts_the_activations_of_a_4_layer_config() {
         kept_cut >= 0.80,
         "kept activations cut by {kept_cut:.3} only"
     );
-    // Not 0.80 yet: the checkpointed peak is the last band transformer's recomputed forward
-    // and hand-written backward on top of the kept block inputs, and the head and loss
-    // forward of the first source is almost as high.
     assert!(
-        peak_cut >= 0.74,
+        peak_cut >= 0.80,
         "peak activation memory cut by {peak_cut:.3} only"
     );
     assert!((kept_cut - predicted_kept_cut).abs() < 0.03);

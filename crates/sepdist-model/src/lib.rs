@@ -4,7 +4,8 @@
 //!   (`time`, `band`), `head`), each `forward(params, x, ctx)`; parameters are described by
 //!   [`ParamSpec`]s (module-path names, name-sorted) and created by a seeded initialiser.
 //! - [`loss::SeparationLoss`]: waveform L1 + weighted multi-resolution STFT L1.
-//! - [`param_count`], [`flops_per_sample`]: closed forms of the configuration.
+//! - [`param_count`], [`flops_per_sample`], [`attention_flops_per_sample`]: closed forms of the
+//!   configuration.
 //! - [`ops`]: STFT/iSTFT, FlashAttention, RMSNorm, softmax, RoPE with a backward.
 
 pub mod bands;
@@ -18,9 +19,9 @@ pub mod separator;
 
 pub use bands::{BandGroup, BandLayout};
 pub use error::{ModelError, Result};
-pub use flops::{flops_per_sample, param_count};
+pub use flops::{attention_flops_per_sample, flops_per_sample, param_count};
 pub use params::{Init, ParamSpec};
 pub use separator::{
-    AttentionKind, Block, BlockKind, Dims, ForwardContext, RMS_EPS, ROPE_BASE, SavedForward,
-    Separator, apply_mask_istft,
+    AttentionKind, Block, BlockKind, Dims, ForwardContext, HeadSaved, RMS_EPS, ROPE_BASE,
+    SavedForward, Separator, apply_mask_istft,
 };

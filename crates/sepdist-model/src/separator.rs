@@ -175,11 +175,20 @@ pub struct SavedForward {
     x: Tensor,
     /// The norms' outputs: `None` under checkpointing (recomputed where used).
     hn: Option<Tensor>,
-    qkv: Tensor,
-    fo: Tensor,
+    /// q/k/v and the attention output: `None` under checkpointing (recomputed after the
+    /// feed-forward's backward, so that they are not held through it).
+    attention: Option<(Tensor, Tensor)>,
     xs: Tensor,
     hn2: Option<Tensor>,
     hid: Tensor,
+}
+
+/// What the head's [`Block::head_source_saved`] keeps for [`Block::head_source_backward`]:
+/// per band group, the outputs of the source's mask-estimator layers (the hidden layers' tanh
+/// outputs, the last one's GLU input).
+#[derive(Debug)]
+pub struct HeadSaved {
+    outputs: Vec<Vec<Tensor>>,
 }
 
 /// A transformer's parameters by role.
@@ -375,13 +384,16 @@ impl Block {
     /// Whether this block has a hand-written backward ([`Block::forward_saved`] with
     /// [`Block::backward_saved`], and [`Block::backward_recomputed`]) for this input: a
     /// transformer whose fused ops run (the CPU, f32 or f64, the flash attention; parameters
-    /// of the input's dtype). Elsewhere candle's backward of [`Block::forward`]'s graph is the
-    /// way.
+    /// of the input's dtype), or the head on the CPU in f32 or f64 (per source:
+    /// [`Block::head_source_saved`] with [`Block::head_source_backward`]). Elsewhere candle's
+    /// backward of [`Block::forward`]'s (or [`Block::head_source`]'s) graph is the way.
     pub fn has_own_backward(&self, x: &Tensor, ctx: &ForwardContext) -> bool {
-        matches!(self.slots, Slots::Transformer(_))
-            && ctx.attention == AttentionKind::Flash
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
+        let fused_ops = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        match self.slots {
+            Slots::Transformer(_) => fused_ops && ctx.attention == AttentionKind::Flash,
+            Slots::Head(..) => fused_ops,
+            Slots::BandSplit(_) => false,
+        }
     }
 
     /// A transformer's forward without candle's graph, keeping what
@@ -421,9 +433,10 @@ impl Block {
     }
 
     /// Activation checkpointing's backward of a transformer from its input `x` alone: the
-    /// forward is rerun without a graph and without keeping the two norms' outputs (each is
-    /// recomputed where the backward uses it), then [`Block::backward_saved`]'s steps run.
-    /// Results as [`Block::backward_saved`]'s.
+    /// forward is rerun without a graph, keeping neither the two norms' outputs nor q/k/v and
+    /// the attention output (each is recomputed where the backward uses it: the attention's
+    /// forward runs a third time, after the feed-forward's backward), then
+    /// [`Block::backward_saved`]'s steps run. Results as [`Block::backward_saved`]'s.
     pub fn backward_recomputed(
         &self,
         params: &[Tensor],
@@ -439,28 +452,30 @@ impl Block {
     }
 
     /// The forward up to what the backward needs (the feed-forward's hidden pre-activation);
-    /// the norms' outputs are kept only when `keep_norms`, else dropped after their use.
+    /// the norms' outputs, q/k/v and the attention output are kept only when `keep`, else
+    /// dropped after their use.
     fn forward_kept(
         &self,
         p: &LayerParams,
         x: Tensor,
         seq: SeqLayout,
         rope: &Rope,
-        keep_norms: bool,
+        keep: bool,
     ) -> Result<SavedForward> {
         let hn = norm::rms_norm(&x, &p.g1, RMS_EPS)?;
         let qkv = attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?;
-        let hn = keep_norms.then_some(hn);
+        let hn = keep.then_some(hn);
         let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
+        let qkv = keep.then_some(qkv);
         let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
+        let attention = qkv.map(|qkv| (qkv, fo));
         let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
         let hid = ffn::linear_bias(&hn2, &p.w1, &p.b1)?;
-        let hn2 = keep_norms.then_some(hn2);
+        let hn2 = keep.then_some(hn2);
         Ok(SavedForward {
             x,
             hn,
-            qkv,
-            fo,
+            attention,
             xs,
             hn2,
             hid,
@@ -480,14 +495,14 @@ impl Block {
         let SavedForward {
             x,
             hn,
-            qkv,
-            fo,
+            attention,
             xs,
             hn2,
             hid,
         } = saved;
         let (dxs, [dg2, dw1, db1, dw2, db2]) = Self::ffn_backward(p, xs, hid, hn2, dy)?;
-        let (dx, [dg1, dwqkv, dwo]) = self.attention_backward(p, x, hn, qkv, fo, dxs, seq, rope)?;
+        let (dx, [dg1, dwqkv, dwo]) =
+            self.attention_backward(p, x, hn, attention, dxs, seq, rope)?;
         Ok((dx, [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2]))
     }
 
@@ -520,21 +535,30 @@ impl Block {
     }
 
     /// Attention part: xs = x + fo·woᵀ, fo = attention(qkv), qkv = rope(hn·wqkvᵀ), hn =
-    /// norm(x) (recomputed when not given). Returns the gradient of `x` and `[dg1, dwqkv,
-    /// dwo]`.
+    /// norm(x) (each recomputed when not given). Returns the gradient of `x` and `[dg1,
+    /// dwqkv, dwo]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         p: &LayerParams,
         x: Tensor,
         hn: Option<Tensor>,
-        qkv: Tensor,
-        fo: Tensor,
+        attention: Option<(Tensor, Tensor)>,
         dxs: Tensor,
         seq: SeqLayout,
         rope: &Rope,
     ) -> Result<(Tensor, [Tensor; 3])> {
         let dh = self.dims.head_dim;
+        let (qkv, fo) = match attention {
+            Some(kept) => kept,
+            None => {
+                let hn = norm::rms_norm(&x, &p.g1, RMS_EPS)?;
+                let qkv = attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?;
+                drop(hn);
+                let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
+                (qkv, fo)
+            }
+        };
         let (dfo, dwo) = attn_proj::out_proj_residual_backward(&fo, &p.wo, seq, dh, &dxs)?;
         let dqkv = attention::flash_attention_packed_backward_in_place(
             qkv,
@@ -720,17 +744,22 @@ impl Block {
         let (b, t, k, d) = x.dims4()?;
         let xn = norm::rms_norm(x, gamma, RMS_EPS)?.reshape((b * t, k, d))?;
         let xk = xn.transpose(0, 1)?.contiguous()?; // [K, BT, D]
-        Ok((0..l.groups.len())
-            .map(|g| {
-                let parts = l
-                    .runs
-                    .iter()
-                    .filter(|r| r.group == g)
-                    .map(|r| xk.narrow(0, r.band, r.len))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 0) // [n_g, BT, D]
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?)
+        (0..l.groups.len())
+            .map(|g| self.group_rows(&xk, g))
+            .collect()
+    }
+
+    /// Group `g`'s bands of `xk` `[K, BT, D]` (any layout), in member order: `[n_g, BT, D]`.
+    fn group_rows(&self, xk: &Tensor, g: usize) -> Result<Tensor> {
+        let parts = self
+            .dims
+            .layout
+            .runs
+            .iter()
+            .filter(|r| r.group == g)
+            .map(|r| xk.narrow(0, r.band, r.len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// One source's mask estimator (`layers`: per group, per layer (weight, bias)) on the
@@ -744,8 +773,6 @@ impl Block {
     ) -> Result<Tensor> {
         let l = &self.dims.layout;
         let (b, t, _, _) = x.dims4()?;
-        let bt = b * t;
-        let f = l.freq_bins();
         let mut outs = Vec::with_capacity(l.groups.len());
         for (g, group_layers) in layers.iter().enumerate() {
             let mut h = inputs[g].clone();
@@ -759,6 +786,14 @@ impl Block {
             // GLU: first half times sigmoid of the second, one fused op (it keeps only `h`).
             outs.push(ops::glu::glu_tanh(&h, di)?); // [n_g, BT, d_g]
         }
+        self.assemble_mask(&outs, b, t)
+    }
+
+    /// The complex mask `[B, 2, F, T, 2]` from the groups' mask-estimator outputs
+    /// `[n_g, BT, d_g]`.
+    fn assemble_mask(&self, outs: &[Tensor], b: usize, t: usize) -> Result<Tensor> {
+        let l = &self.dims.layout;
+        let (bt, f) = (b * t, l.freq_bins());
         let parts = l
             .runs
             .iter()
@@ -820,6 +855,22 @@ impl Block {
         x: &Tensor,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
+        let (fin, layers, at) = self.head_piece(params, source)?;
+        let p = |slot: usize| &params[at[slot]];
+        let inputs = self.mask_inputs(p(fin), x)?;
+        let mask = self.source_mask(&inputs, layers, &p, x)?.unsqueeze(1)?;
+        self.head_estimate(&mask, ctx)
+    }
+
+    /// Source `source`'s piece of the head for `params` (the tensors of
+    /// [`Block::head_source_params`]): the final norm's slot, the source's mask-estimator
+    /// slots (per group, per layer: weight, bias) and, per slot, its position in `params`.
+    #[allow(clippy::type_complexity)]
+    fn head_piece(
+        &self,
+        params: &[Tensor],
+        source: usize,
+    ) -> Result<(usize, &[Vec<[usize; 2]>], Vec<usize>)> {
         let ids = self.head_source_params(source)?;
         let Slots::Head(fin, mlps) = &self.slots else {
             return Err(ModelError::Input(format!(
@@ -834,17 +885,145 @@ impl Block {
                 params.len()
             )));
         }
-        // Block parameter index → position in `params`.
+        // Block parameter index → position in `params`, then slot → position.
         let mut at = vec![usize::MAX; self.specs.len()];
         for (j, &i) in ids.iter().enumerate() {
             at[i] = j;
         }
-        let p = |slot: usize| &params[at[self.pos[slot]]];
-        let inputs = self.mask_inputs(p(*fin), x)?;
-        let mask = self
-            .source_mask(&inputs, &mlps[source], &p, x)?
-            .unsqueeze(1)?;
-        apply_mask_istft(&self.stft, &mask, &ctx.spec, ctx.length)
+        let slot_at = self.pos.iter().map(|&i| at[i]).collect();
+        Ok((*fin, &mlps[source], slot_at))
+    }
+
+    /// The estimate `[B, S, 2, N]` of masks `[B, S, 2, F, T, 2]`: complex masking and iSTFT
+    /// ([`apply_mask_istft`]).
+    pub fn head_estimate(&self, mask: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        apply_mask_istft(&self.stft, mask, &ctx.spec, ctx.length)
+    }
+
+    /// The head for one source without candle's graph, up to its mask: returns source
+    /// `source`'s complex mask `[B, 1, 2, F, T, 2]` (its estimate is
+    /// [`Block::head_estimate`] of it) and what [`Block::head_source_backward`] needs, the
+    /// mask-estimator layers' outputs. Candle's graph of [`Block::head_source`] would also
+    /// keep the final norm's output, its band-major copy, the groups' inputs, the GLU outputs
+    /// and the mask's assembly; its backward holds them all with a gradient of each.
+    pub fn head_source_saved(
+        &self,
+        params: &[Tensor],
+        source: usize,
+        x: &Tensor,
+    ) -> Result<(Tensor, HeadSaved)> {
+        let (fin, layers, at) = self.head_piece(params, source)?;
+        let p = |slot: usize| params[at[slot]].detach();
+        let (b, t, k, d) = x.dims4()?;
+        let xk = x.detach().reshape((b * t, k, d))?.transpose(0, 1)?; // [K, BT, D], a view
+        let gamma = p(fin);
+        let mut outputs = Vec::with_capacity(layers.len());
+        let mut glu_outs = Vec::with_capacity(layers.len());
+        for (g, group_layers) in layers.iter().enumerate() {
+            // The final norm of the group's rows only: each row is normalised on its own.
+            let mut h = norm::rms_norm(&self.group_rows(&xk, g)?, &gamma, RMS_EPS)?;
+            let mut outs = Vec::with_capacity(group_layers.len());
+            for (i, [w, bias]) in group_layers.iter().enumerate() {
+                let tanh = i + 1 < group_layers.len();
+                h = ops::grouped_linear(&h, &p(*w), &p(*bias), tanh)?;
+                outs.push(h.clone());
+            }
+            let di = self.dims.layout.groups[g].dim_in();
+            glu_outs.push(ops::glu::glu_tanh(&h, di)?);
+            outputs.push(outs);
+        }
+        let mask = self.assemble_mask(&glu_outs, b, t)?.unsqueeze(1)?;
+        Ok((mask, HeadSaved { outputs }))
+    }
+
+    /// The hand-written backward of source `source`'s head piece from its mask's gradient
+    /// `dmask` `[B, 1, 2, F, T, 2]` (taken): the gradient of the head's input `x` and of
+    /// `params` (in their order). Group by group, each saved output is dropped after its last
+    /// use; the groups' normalised inputs are recomputed from `x`. The sums are candle's for
+    /// [`Block::head_source`]'s graph (the final norm's backward runs once over the whole
+    /// input's gradient), so the results are the same.
+    pub fn head_source_backward(
+        &self,
+        params: &[Tensor],
+        source: usize,
+        saved: HeadSaved,
+        dmask: Tensor,
+        x: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (fin, layers, at) = self.head_piece(params, source)?;
+        let p = |slot: usize| params[at[slot]].detach();
+        let l = &self.dims.layout;
+        let (b, t, k, d) = x.dims4()?;
+        let (bt, f) = (b * t, l.freq_bins());
+        if dmask.dims() != [b, 1, 2, f, t, 2] || saved.outputs.len() != layers.len() {
+            return Err(ModelError::Input(format!(
+                "head backward: mask gradient {:?} for an input {:?}",
+                dmask.dims(),
+                x.dims()
+            )));
+        }
+        // The mask's gradient per frame in the band features' (bin, channel, re/im) order.
+        let dm = dmask
+            .squeeze(1)?
+            .permute((0, 3, 2, 1, 4))?
+            .contiguous()?
+            .reshape((bt, 4 * f))?;
+        drop(dmask);
+        let x = x.detach();
+        let xk = x.reshape((bt, k, d))?.transpose(0, 1)?;
+        let gamma = p(fin);
+        // The gradient of the final norm's output, band by band as the groups produce it.
+        let dxn = Tensor::zeros((bt, k, d), x.dtype(), x.device())?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        for (g, (group_layers, mut outs)) in layers.iter().zip(saved.outputs).enumerate() {
+            let di = l.groups[g].dim_in();
+            let runs = || l.runs.iter().filter(move |r| r.group == g);
+            let parts = runs()
+                .map(|r| {
+                    dm.narrow(1, 4 * r.bin, r.len * di)?
+                        .reshape((bt, r.len, di))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let dglu = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
+            drop(parts);
+            let mut dh = match outs.last() {
+                Some(h) => ops::glu::glu_tanh_backward(h, &dglu, di)?,
+                None => return Err(ModelError::Input("head backward: no saved layer".into())),
+            };
+            drop(dglu);
+            let input = norm::rms_norm(&self.group_rows(&xk, g)?, &gamma, RMS_EPS)?;
+            for (i, [w, bias]) in group_layers.iter().enumerate().rev() {
+                let tanh = i + 1 < group_layers.len();
+                let y = outs
+                    .pop()
+                    .ok_or_else(|| ModelError::Input("head backward: saved layers".into()))?;
+                let below = outs.last().unwrap_or(&input);
+                let (dx, dw, db) =
+                    ops::grouped_linear::grouped_linear_backward(below, &p(*w), &y, dh, tanh)?;
+                grads[at[*w]] = Some(dw);
+                grads[at[*bias]] = Some(db);
+                dh = dx;
+            }
+            drop(input);
+            for r in runs() {
+                let part = dh
+                    .narrow(0, r.member, r.len)?
+                    .transpose(0, 1)?
+                    .contiguous()?;
+                dxn.slice_set(&part, 1, r.band)?;
+            }
+        }
+        drop(dm);
+        let dxn = dxn.reshape((b, t, k, d))?;
+        let (dx, dgamma) = norm::rms_norm_backward(&x, &gamma, &dxn, RMS_EPS)?;
+        grads[at[fin]] = Some(dgamma);
+        let grads = grads
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ModelError::Input("head backward: a parameter got no gradient".into())
+            })?;
+        Ok((dx, grads))
     }
 }
 

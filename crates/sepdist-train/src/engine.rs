@@ -608,9 +608,16 @@ impl Engine {
         }
         // Head and loss, one source at a time: the backward of source s's loss part gives its
         // piece's gradients and its share of `g`, the gradient of the trunk's output.
-        let head_in = Var::from_tensor(&x)?;
-        // The Var is a copy: the trunk's output is no longer needed (when checkpointing it is
-        // the only holder of that output; when keeping graphs, a view of the kept one).
+        let head = &blocks[last];
+        let own = head.has_own_backward(&x, &ctx);
+        // Candle's backward needs the head's input as a Var, a copy: the trunk's output is
+        // then no longer needed (when checkpointing the Var is its only holder; when keeping
+        // graphs, a view of the kept one). The hand-written backward takes `x` as it is.
+        let head_in = if own {
+            x.detach()
+        } else {
+            Var::from_tensor(&x)?.as_tensor().clone()
+        };
         drop(x);
         let n_sources = self.head_pieces.len();
         if target.dim(1)? != n_sources {
@@ -623,8 +630,18 @@ impl Engine {
         let mut values = LossValues::default();
         let mut g: Option<Tensor> = None;
         for s in 0..n_sources {
-            let params = access.fetch(self, Piece::HeadSource(s), true)?;
-            let estimate = blocks[last].head_source(&params, s, head_in.as_tensor(), &ctx)?;
+            let params = access.fetch(self, Piece::HeadSource(s), !own)?;
+            // Own backward: the mask without a graph, then candle's graph from the mask (a
+            // Var) through the iSTFT and the loss only.
+            let (saved, mask, estimate) = if own {
+                let (mask, saved) = head.head_source_saved(&params, s, &head_in)?;
+                let mask = Var::from_tensor(&mask)?;
+                let estimate = head.head_estimate(mask.as_tensor(), &ctx)?;
+                (Some(saved), Some(mask), estimate)
+            } else {
+                let estimate = head.head_source(&params, s, &head_in, &ctx)?;
+                (None, None, estimate)
+            };
             let parts =
                 self.loss
                     .compute_source(&estimate, &target.narrow(1, s, 1)?, s, n_sources)?;
@@ -643,24 +660,42 @@ impl Engine {
             }
             let grads = parts.total.backward()?;
             drop((parts, estimate));
-            let piece_grads = grads_of(&params, &grads);
-            drop(params);
-            access.deliver(self, Piece::HeadSource(s), &piece_grads)?;
-            drop(piece_grads);
-            // Detached: the gradient's own graph (it is computed with forward tensors) is of
-            // no use and would keep them alive.
-            if let Some(gs) = grads.get(head_in.as_tensor()) {
+            // Detached: a gradient's own graph (it is computed with forward tensors) is of no
+            // use and would keep them alive.
+            let gs = match (saved, mask) {
+                (Some(saved), Some(mask)) => {
+                    let dmask = match grads.get(mask.as_tensor()) {
+                        Some(d) => d.detach(),
+                        None => mask.as_tensor().zeros_like()?,
+                    };
+                    drop((grads, mask));
+                    let (dx, piece_grads) =
+                        head.head_source_backward(&params, s, saved, dmask, &head_in)?;
+                    drop(params);
+                    let piece_grads: Vec<Option<Tensor>> =
+                        piece_grads.into_iter().map(Some).collect();
+                    access.deliver(self, Piece::HeadSource(s), &piece_grads)?;
+                    Some(dx)
+                }
+                _ => {
+                    let piece_grads = grads_of(&params, &grads);
+                    drop(params);
+                    access.deliver(self, Piece::HeadSource(s), &piece_grads)?;
+                    drop(piece_grads);
+                    grads.get(&head_in).map(|gs| gs.detach())
+                }
+            };
+            if let Some(gs) = gs {
                 g = Some(match g {
-                    None => gs.detach(),
-                    Some(acc) => (acc + gs.detach())?,
+                    None => gs,
+                    Some(acc) => (acc + gs)?,
                 });
             }
-            drop(grads);
         }
         access.block_done(last)?;
         let mut g = match g {
             Some(g) => g,
-            None => head_in.as_tensor().zeros_like()?,
+            None => head_in.zeros_like()?,
         };
         drop(head_in);
         self.mark(EngineEvent::BlockBackward(last));

@@ -10,8 +10,8 @@ use candle_core::op::{GeluErf, UnaryOpT};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::unsupported_dtype;
 use super::cpu::{Real, contiguous_offset, contiguous_slice, map_tensor, matmul_cpu};
-use super::cpu::{unsupported_dtype, with_slice};
 
 /// `x · wᵀ + b`: `x` `[.., Din]`, `w` `[Dout, Din]` (PyTorch's out × in), `b` `[Dout]`;
 /// returns `[.., Dout]`. Differentiable in all three.
@@ -293,17 +293,11 @@ impl Linear {
         let h = self.gelu.then_some(x2);
         let dx = if want[0] {
             let da = g.matmul(&w.detach())?;
-            Some(match &h {
-                Some(h) => {
-                    // dh = da ∘ gelu'(h), into a new buffer (the product's own).
-                    let prod =
-                        |d: &[f32]| with_slice::<f32, _>(h, name, |h| Ok(times_gelu_grad(d, h)));
-                    let prod64 =
-                        |d: &[f64]| with_slice::<f64, _>(h, name, |h| Ok(times_gelu_grad(d, h)));
-                    map_tensor(&da, &shape, name, prod, prod64)?
-                }
-                None => da.reshape(shape)?,
-            })
+            if let Some(h) = &h {
+                // dh = da ∘ gelu'(h), over `da` (a new buffer only this function holds).
+                da.inplace_op2(h, &TimesGeluGrad)?;
+            }
+            Some(da.reshape(shape)?)
         } else {
             None
         };
@@ -311,10 +305,47 @@ impl Linear {
     }
 }
 
-fn times_gelu_grad<T: Gelu>(d: &[T], h: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); d.len()];
-    out.par_iter_mut()
-        .zip(d.par_iter().zip(h.par_iter()))
-        .for_each(|(o, (&g, &v))| *o = g * v.gelu_grad());
-    out
+/// `d ← d ∘ gelu'(h)` in place (`d` the gradient of GELU's output, `h` its input).
+struct TimesGeluGrad;
+
+impl TimesGeluGrad {
+    fn run<T: Gelu>(d: &mut [T], l1: &Layout, h: &[T]) -> Result<()> {
+        let name = "gelu-grad-in-place";
+        let off = contiguous_offset(l1, name)?;
+        let d = d
+            .get_mut(off..off + l1.shape().elem_count())
+            .ok_or_else(|| Error::Msg(format!("{name}: layout out of the buffer")))?;
+        if d.len() != h.len() {
+            return Err(Error::Msg(format!(
+                "{name}: {} gradients for {} inputs",
+                d.len(),
+                h.len()
+            )));
+        }
+        d.par_iter_mut()
+            .zip(h.par_iter())
+            .for_each(|(g, &v)| *g *= v.gelu_grad());
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp2 for TimesGeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-grad-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let name = self.name();
+        match s1 {
+            CpuStorage::F32(d) => Self::run(d, l1, contiguous_slice(s2, l2, name)?),
+            CpuStorage::F64(d) => Self::run(d, l1, contiguous_slice(s2, l2, name)?),
+            s => Err(unsupported_dtype(name, s.dtype())),
+        }
+    }
 }

@@ -107,16 +107,36 @@ impl CustomOp1 for Glu {
         if !h.track_op() {
             return Ok(None);
         }
+        self.backward_tensor(h, grad).map(Some)
+    }
+}
+
+impl Glu {
+    fn backward_tensor(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let name = "glu-bwd";
         let g = grad.contiguous()?;
         let hd = h.detach();
-        let dh = map_tensor(
+        map_tensor(
             &hd,
             h.shape(),
             name,
             |hv| super::cpu::with_slice::<f32, _>(&g, name, |gv| Ok(self.backward(hv, gv))),
             |hv| super::cpu::with_slice::<f64, _>(&g, name, |gv| Ok(self.backward(hv, gv))),
-        )?;
-        Ok(Some(dh))
+        )
     }
+}
+
+/// The backward of [`glu_tanh`] without a graph, on the CPU: the gradient of its input `h`
+/// (contiguous, `[.., 2·d]`) for the output's gradient `grad` (the head's hand-written
+/// backward calls it).
+pub fn glu_tanh_backward(h: &Tensor, grad: &Tensor, d: usize) -> Result<Tensor> {
+    let last = h.dim(D::Minus1)?;
+    if d == 0 || last != 2 * d || !h.is_contiguous() || grad.elem_count() * 2 != h.elem_count() {
+        return Err(Error::Msg(format!(
+            "glu backward: input {:?} (contiguous, last dim 2·{d}) and gradient {:?}",
+            h.dims(),
+            grad.dims()
+        )));
+    }
+    Glu { d }.backward_tensor(h, grad)
 }

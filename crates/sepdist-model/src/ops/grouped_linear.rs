@@ -163,32 +163,66 @@ impl CustomOp3 for GroupedLinear {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let name = "grouped-linear-bwd";
-        let grad = grad.contiguous()?;
-        // The gradient of the pre-activation: a new buffer for tanh.
-        let gz = if self.tanh {
-            let y = res.detach();
-            let prod = |g: &[f32]| {
-                super::cpu::with_slice::<f32, _>(&y, name, |y| Ok(times_tanh_grad(g, y)))
-            };
-            let prod64 = |g: &[f64]| {
-                super::cpu::with_slice::<f64, _>(&y, name, |y| Ok(times_tanh_grad(g, y)))
-            };
-            super::cpu::map_tensor(&grad, grad.shape(), name, prod, prod64)?
-        } else {
-            grad
-        };
-        let dw = if w.track_op() {
-            Some(x.detach().t()?.matmul(&gz)?)
-        } else {
-            None
-        };
-        let db = b.track_op().then(|| gz.sum(1)).transpose()?;
-        let dx = if x.track_op() {
-            Some(gz.matmul(&w.detach().t()?)?)
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
+        backward_parts(
+            x,
+            w,
+            res,
+            grad.contiguous()?,
+            self.tanh,
+            [x.track_op(), w.track_op(), b.track_op()],
+        )
     }
+}
+
+/// The backward of [`grouped_linear`] without a graph, on the CPU: `(dx, dw, db)` from the
+/// input `x`, the weight `w`, the output `y` (used for tanh's derivative) and the output's
+/// gradient `grad` (taken: freed once the pre-activation's gradient exists). The head's
+/// hand-written backward calls it; the op's own backward computes the same sums.
+pub fn grouped_linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    grad: Tensor,
+    tanh: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if grad.dims() != y.dims() {
+        return Err(Error::Msg(format!(
+            "grouped linear backward: gradient {:?} for an output {:?}",
+            grad.dims(),
+            y.dims()
+        )));
+    }
+    match backward_parts(x, w, y, grad.contiguous()?, tanh, [true; 3])? {
+        (Some(dx), Some(dw), Some(db)) => Ok((dx, dw, db)),
+        _ => Err(Error::Msg("grouped linear backward: no gradient".into())),
+    }
+}
+
+/// `(dx, dw, db)`, each when `want` says so.
+fn backward_parts(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    grad: Tensor,
+    tanh: bool,
+    want: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let name = "grouped-linear-bwd";
+    // The gradient of the pre-activation: a new buffer for tanh.
+    let gz = if tanh {
+        let y = y.detach();
+        let prod =
+            |g: &[f32]| super::cpu::with_slice::<f32, _>(&y, name, |y| Ok(times_tanh_grad(g, y)));
+        let prod64 =
+            |g: &[f64]| super::cpu::with_slice::<f64, _>(&y, name, |y| Ok(times_tanh_grad(g, y)));
+        let gz = super::cpu::map_tensor(&grad, grad.shape(), name, prod, prod64)?;
+        drop(grad);
+        gz
+    } else {
+        grad
+    };
+    let dw = want[1].then(|| x.detach().t()?.matmul(&gz)).transpose()?;
+    let db = want[2].then(|| gz.sum(1)).transpose()?;
+    let dx = want[0].then(|| gz.matmul(&w.detach().t()?)).transpose()?;
+    Ok((dx, dw, db))
 }

@@ -151,8 +151,7 @@ pub fn rms_norm_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     match backward_tensors(x, gamma, grad, eps, 1, true, true)? {
-        // dγ copied out: a view would keep the whole buffer (dx's size) alive with it.
-        (Some(dx), Some(dgamma)) => Ok((dx, dgamma.copy()?)),
+        (Some(dx), Some(dgamma)) => Ok((dx, dgamma)),
         _ => Err(Error::Msg("rms_norm_backward: no gradient".into())),
     }
 }
@@ -173,11 +172,14 @@ fn backward_tensors(
     let dx = want_dx
         .then(|| packed.narrow(0, 0, n)?.reshape(x.shape()))
         .transpose()?;
+    // dγ copied out: a view would keep the whole buffer (dx's size) alive as long as dγ
+    // (and `Tensor::copy` clones the whole buffer a view lives in).
     let dgamma = want_dgamma
         .then(|| {
-            packed
-                .narrow(0, n, gamma.elem_count())?
-                .reshape(gamma.shape())
+            let view = packed.narrow(0, n, gamma.elem_count())?;
+            let own = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
+            own.slice_set(&view, 0, 0)?;
+            own.reshape(gamma.shape())
         })
         .transpose()?;
     Ok((dx, dgamma))

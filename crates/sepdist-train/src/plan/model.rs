@@ -350,12 +350,12 @@ pub(crate) struct Saved {
     kept: Kept1,
 }
 
-/// `SavedForward`'s tensors (handles in custody); the norms' outputs only when kept.
+/// `SavedForward`'s tensors (handles in custody); the norms' outputs, q/k/v and the
+/// attention output only when kept.
 struct Kept1 {
     x: Id,
     hn: Option<Id>,
-    qkv: Id,
-    fo: Id,
+    attention: Option<(Id, Id)>,
     xs: Id,
     hn2: Option<Id>,
     hid: Id,
@@ -418,25 +418,18 @@ fn layer_param_elems(l: &Layer) -> [u64; 8] {
 }
 
 /// `Block::forward_kept` without a graph on the (detached) input `xd` with the detached
-/// parameters `pd`: the saved tensors in custody, the norms' outputs dropped after their use
-/// unless `keep_norms`.
+/// parameters `pd`: the saved tensors in custody; the norms' outputs, q/k/v and the attention
+/// output dropped after their use unless `keep`.
 fn forward_kept(
     t: &mut Tape,
     l: &Layer,
     s: &Shapes,
     xd: Id,
     pd: &[Id; 8],
-    keep_norms: bool,
+    keep_all: bool,
 ) -> Kept1 {
-    let hn = rms_norm(t, xd, pd[0], l.d);
-    let qkv = t.fused(
-        Fused::QkvRope,
-        &[hn, pd[1]],
-        3 * l.rows_inner,
-        l.qkv_scratch,
-    );
-    let hn = keep(t, hn, keep_norms);
-    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
+    let (qkv, fo, hn) = attention_forward(t, l, xd, pd, keep_all);
+    let qkv = keep(t, qkv, keep_all);
     let xs = t.fused(
         Fused::OutProj {
             rows_inner: l.rows_inner,
@@ -445,6 +438,13 @@ fn forward_kept(
         l.u,
         l.rows_inner * s.es,
     );
+    let attention = match qkv {
+        Some(qkv) => Some((qkv, t.take(fo))),
+        None => {
+            t.drop_local(fo);
+            None
+        }
+    };
     let hn2 = rms_norm(t, xs, pd[3], l.d);
     let hid = t.fused(
         Fused::Linear { gelu: false },
@@ -452,16 +452,36 @@ fn forward_kept(
         l.hid,
         0,
     );
-    let hn2 = keep(t, hn2, keep_norms);
+    let hn2 = keep(t, hn2, keep_all);
     Kept1 {
         x: t.take(xd),
         hn,
-        qkv: t.take(qkv),
-        fo: t.take(fo),
+        attention,
         xs: t.take(xs),
         hn2,
         hid: t.take(hid),
     }
+}
+
+/// `norm(x)`, the QKV projection and the attention without a graph: `(qkv, fo)` as scope
+/// handles and the norm's output in custody when `keep_norm`, else dropped after its use.
+fn attention_forward(
+    t: &mut Tape,
+    l: &Layer,
+    xd: Id,
+    pd: &[Id; 8],
+    keep_norm: bool,
+) -> (Id, Id, Option<Id>) {
+    let hn = rms_norm(t, xd, pd[0], l.d);
+    let qkv = t.fused(
+        Fused::QkvRope,
+        &[hn, pd[1]],
+        3 * l.rows_inner,
+        l.qkv_scratch,
+    );
+    let hn = keep(t, hn, keep_norm);
+    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
+    (qkv, fo, hn)
 }
 
 /// A scope handle moved into custody when `keep`, else dropped.
@@ -527,14 +547,13 @@ fn ffn_backward(
 ) -> (Id, [Id; 5]) {
     let es = s.es;
     let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
-    // gelu_linear_bias_backward: gelu(hid) for dw2, then da and dhid = da ∘ gelu'(hid).
+    // gelu_linear_bias_backward: gelu(hid) for dw2, then da, made dhid = da ∘ gelu'(hid) in
+    // place.
     let a = leaf(t, l.hid);
     let dw2 = leaf(t, l.d * l.ffn);
     t.drop_local(a);
     let db2 = leaf(t, l.d);
-    let da = leaf(t, l.hid);
     let dhid = leaf(t, l.hid);
-    t.drop_local(da);
     t.release(hid);
     let hn2 = match hn2 {
         Some(h) => h,
@@ -558,20 +577,29 @@ fn ffn_backward(
     (dxs, [dg2, dw1, db1, dw2, db2])
 }
 
-/// `Block::attention_backward`: takes `x`, `hn` (recomputed when `None`), `qkv` and `fo` from
-/// custody and the scope handle `dxs`; returns the gradient of `x` (a scope handle) and three
-/// parameter gradients.
+/// `Block::attention_backward`: takes `x`, `hn` and `(qkv, fo)` (each recomputed when
+/// `None`) from custody and the scope handle `dxs`; returns the gradient of `x` (a scope
+/// handle) and three parameter gradients.
+#[allow(clippy::too_many_arguments)]
 fn attention_backward(
     t: &mut Tape,
     l: &Layer,
     s: &Shapes,
     pd: &[Id; 8],
-    [x, qkv, fo]: [Id; 3],
+    x: Id,
     hn: Option<Id>,
+    attention: Option<(Id, Id)>,
     dxs: Id,
 ) -> (Id, [Id; 3]) {
     let es = s.es;
     let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
+    let (qkv, fo) = match attention {
+        Some(kept) => kept,
+        None => {
+            let (qkv, fo, _) = attention_forward(t, l, x, pd, false);
+            (t.take(qkv), t.take(fo))
+        }
+    };
     // out_proj_residual_backward: o gathered for dwo, d_o scattered into dfo.
     let o = leaf(t, l.rows_inner);
     let dwo = leaf(t, l.d * l.inner);
@@ -621,7 +649,7 @@ fn backward_kept(
     let (dxs, [dg2, dw1, db1, dw2, db2]) =
         ffn_backward(t, l, s, &pd, [kept.xs, kept.hid], kept.hn2, dy);
     let (dx, [dg1, dwqkv, dwo]) =
-        attention_backward(t, l, s, &pd, [kept.x, kept.qkv, kept.fo], kept.hn, dxs);
+        attention_backward(t, l, s, &pd, kept.x, kept.hn, kept.attention, dxs);
     for p in params {
         t.release(p);
     }
@@ -687,17 +715,206 @@ fn head(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id) -> Id {
     est
 }
 
-/// `Block::head_source`: the head for one source, `[B, T, K, D]` → estimate `[B, 1, 2, N]`.
-fn head_source(t: &mut Tape, s: &Shapes, ctx: &Context, x: Id) -> Id {
+/// A source's piece of the head, fetched untracked by the engine for the hand-written
+/// backward (ZeRO-3: fresh gathered tensors) and held until the piece's backward is done:
+/// the final norm's gamma, then per group per layer the weight and the bias.
+struct HeadParams {
+    gamma: Id,
+    layers: Vec<Vec<[Id; 2]>>,
+}
+
+fn head_params(t: &mut Tape, s: &Shapes) -> HeadParams {
+    let custody = |t: &mut Tape, e: u64| {
+        let p = param(t, s, e, false);
+        t.take(p)
+    };
+    let gamma = custody(t, s.dim);
+    let layers = s
+        .groups
+        .iter()
+        .zip(&s.mask_widths)
+        .map(|(&(n_g, _), widths)| {
+            widths
+                .windows(2)
+                .map(|w| [custody(t, n_g * w[0] * w[1]), custody(t, n_g * w[1])])
+                .collect()
+        })
+        .collect();
+    HeadParams { gamma, layers }
+}
+
+impl HeadParams {
+    fn release(self, t: &mut Tape) {
+        t.release(self.gamma);
+        for p in self.layers.into_iter().flatten().flatten() {
+            t.release(p);
+        }
+    }
+}
+
+/// `Block::group_rows` of the head's input `x` (a band-major view) and the final norm of
+/// them, without a graph: group `g`'s normalised inputs `[n_g, BT, D]` (a scope handle).
+fn group_inputs(t: &mut Tape, s: &Shapes, x: Id, gamma: Id, g: usize) -> Id {
+    let (bt, d) = (s.bt(), s.dim);
+    let xr = t.reshape(x);
+    let xk = t.transpose(xr, s.bands == 1 || bt == 1);
+    let parts: Vec<Id> = s
+        .runs
+        .iter()
+        .filter(|r| r.group == g)
+        .map(|r| t.narrow(xk, r.len * bt * d, s.bands == 1 || bt == 1))
+        .collect();
+    let rows = t.cat(&parts);
+    for p in parts {
+        t.drop_local(p);
+    }
+    t.drop_local(xk);
+    t.drop_local(xr);
+    let rows_c = t.contiguous(rows); // rms_norm's `contiguous()`
+    let e = t.elems(rows_c);
+    let h = t.fused(Fused::RmsNorm, &[rows_c, gamma], e, 0);
+    t.drop_local(rows_c);
+    t.drop_local(rows);
+    h
+}
+
+/// `Block::head_source_saved`: the mask `[B, 1, 2, F, T, 2]` (a scope handle) and, per group,
+/// the mask-estimator layers' outputs (in custody).
+fn head_source_saved(t: &mut Tape, s: &Shapes, x: Id, p: &HeadParams) -> (Id, Vec<Vec<Id>>) {
     t.begin();
-    let gamma = param(t, s, s.dim, true);
-    let inputs = mask_inputs(t, s, x, gamma);
-    let m = source_mask(t, s, &inputs);
-    let mask = t.squeeze(m); // unsqueeze(1)
-    t.drop_local(m);
-    let est = apply_mask_istft(t, s, ctx, mask, 1);
-    t.end(&[est]);
-    est
+    let bt = s.bt();
+    let mut saved = Vec::new();
+    let mut outs = Vec::new();
+    for (g, &(n_g, width)) in s.groups.iter().enumerate() {
+        let widths = &s.mask_widths[g];
+        let mut h = group_inputs(t, s, x, p.gamma, g);
+        let mut kept = Vec::new();
+        for (l, [w, b]) in p.layers[g].iter().enumerate() {
+            let tanh = l + 2 < widths.len();
+            let e = n_g * bt * widths[l + 1];
+            let next = t.fused(Fused::GroupedLinear { tanh }, &[h, *w, *b], e, 0);
+            if l == 0 {
+                t.drop_local(h); // the normalised input
+            }
+            kept.push(t.take(next));
+            h = next;
+        }
+        outs.push(t.fused(Fused::Glu, &[h], n_g * bt * 4 * width, 0));
+        saved.push(kept);
+    }
+    let mask = assemble_mask(t, s, &outs);
+    let mask = t.squeeze(mask); // unsqueeze(1)
+    t.end(&[mask]);
+    (mask, saved)
+}
+
+/// `Block::head_source_backward` from the mask's gradient `dmask` (in custody; taken), the
+/// saved layer outputs taken: the gradients of the head's input and of the parameters (scope
+/// handles).
+fn head_source_backward(
+    t: &mut Tape,
+    s: &Shapes,
+    x: Id,
+    p: &HeadParams,
+    saved: Vec<Vec<Id>>,
+    dmask: Id,
+) -> (Id, Vec<Id>) {
+    t.begin();
+    let (bt, d, es) = (s.bt(), s.dim, s.es);
+    let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
+    // squeeze, permute, contiguous (a copy), reshape.
+    let sq = t.squeeze(dmask);
+    let perm = t.transpose(sq, false);
+    let dm = t.contiguous(perm);
+    t.drop_local(perm);
+    t.drop_local(sq);
+    t.release(dmask);
+    let dxn = leaf(t, bt * s.bands * d);
+    let mut grads = Vec::new();
+    for (g, (&(n_g, width), mut outs)) in s.groups.iter().zip(saved).enumerate() {
+        let widths = &s.mask_widths[g];
+        let di = 4 * width;
+        // Per run a narrow of `dm` reshaped (a copy), their cat, transposed and copied.
+        let parts: Vec<Id> = s
+            .runs
+            .iter()
+            .filter(|r| r.group == g)
+            .map(|r| {
+                let v = t.narrow(dm, bt * r.len * di, false);
+                let c = t.reshape(v);
+                t.drop_local(v);
+                c
+            })
+            .collect();
+        let cat = t.cat(&parts);
+        let tr = t.transpose(cat, n_g == 1 || bt == 1);
+        let dglu = t.contiguous(tr);
+        t.drop_local(tr);
+        t.drop_local(cat);
+        for q in parts {
+            t.drop_local(q);
+        }
+        let mut dh = leaf(t, n_g * bt * 2 * di); // glu_tanh_backward
+        t.drop_local(dglu);
+        let input = group_inputs(t, s, x, p.gamma, g);
+        for l in (0..widths.len() - 1).rev() {
+            let tanh = l + 2 < widths.len();
+            let y = outs.pop();
+            // grouped_linear_backward: gz (tanh: a new buffer, then `dh` dropped), dw, db, dx.
+            let gz = if tanh {
+                let gz = leaf(t, t.elems(dh));
+                t.drop_local(dh);
+                gz
+            } else {
+                dh
+            };
+            grads.push(leaf(t, n_g * widths[l] * widths[l + 1]));
+            grads.push(leaf(t, n_g * widths[l + 1]));
+            let dx = leaf(t, n_g * bt * widths[l]);
+            t.drop_local(gz);
+            if let Some(y) = y {
+                t.release(y);
+            }
+            dh = dx;
+        }
+        t.drop_local(input);
+        // Scattered into `dxn` run by run: a transposed copy of each.
+        for r in s.runs.iter().filter(|r| r.group == g) {
+            let part = leaf(t, r.len * bt * d);
+            t.drop_local(part);
+        }
+        t.drop_local(dh);
+    }
+    t.drop_local(dm);
+    // rms_norm_backward(x, gamma, dxn): dx ‖ dγ in one buffer, dγ copied out.
+    let packed = leaf(t, bt * s.bands * d + d);
+    let dx = t.narrow(packed, bt * s.bands * d, true);
+    grads.push(leaf(t, d));
+    t.drop_local(packed);
+    t.drop_local(dxn);
+    let kept: Vec<Id> = std::iter::once(dx).chain(grads.iter().copied()).collect();
+    t.end(&kept);
+    (dx, grads)
+}
+
+/// `Block::assemble_mask`: the groups' GLU outputs (scope handles, dropped) → the complex mask
+/// `[B, 2, F, T, 2]` (a permuted view of the concatenation).
+fn assemble_mask(t: &mut Tape, s: &Shapes, outs: &[Id]) -> Id {
+    let bt = s.bt();
+    let parts: Vec<Id> = s
+        .runs
+        .iter()
+        .map(|r| {
+            let di = 4 * s.groups[r.group].1;
+            let v = t.narrow(outs[r.group], r.len * bt * di, true);
+            // transpose(0, 1) is contiguous only for a single band (or frame).
+            let v = t.transpose(v, r.len == 1 || bt == 1);
+            t.reshape(v)
+        })
+        .collect();
+    let m = t.cat(&parts); // [BT, 4F]
+    let m = t.reshape(m);
+    t.transpose(m, false) // permute to [B, 2, F, T, 2]
 }
 
 /// `Block::masks`: `[B, T, K, D]` → complex masks `[B, S, 2, F, T, 2]`.
@@ -775,20 +992,7 @@ fn source_mask(t: &mut Tape, s: &Shapes, inputs: &[Id]) -> Id {
         t.end(&[out]);
         outs.push(out);
     }
-    let parts: Vec<Id> = s
-        .runs
-        .iter()
-        .map(|r| {
-            let di = 4 * s.groups[r.group].1;
-            let v = t.narrow(outs[r.group], r.len * bt * di, true);
-            // transpose(0, 1) is contiguous only for a single band (or frame).
-            let v = t.transpose(v, r.len == 1 || bt == 1);
-            t.reshape(v)
-        })
-        .collect();
-    let m = t.cat(&parts); // [BT, 4F]
-    let m = t.reshape(m);
-    let m = t.transpose(m, false); // permute to [B, 2, F, T, 2]
+    let m = assemble_mask(t, s, &outs);
     t.end(&[m]);
     m
 }
@@ -1054,12 +1258,13 @@ pub(crate) fn micro_batch(
         cost.kept_per_block
             .push((block.name.clone(), t.mem.live.saturating_sub(before)));
     }
-    // The head and the loss, one source at a time: forward, backward, gradients added, graph
-    // dropped. The backward starts (the kept level) once the first source's loss is computed.
+    // The head and the loss, one source at a time: the mask without a graph, the iSTFT and
+    // the loss with one from the mask's Var, their backward, the head's hand-written backward,
+    // gradients added. The backward starts (the kept level) once the first source's loss is
+    // computed.
     let head_start = t.mem.live;
-    let head_in = t.leaf(t.elems(x), s.es, true);
-    // drop(x): the trunk's output (its copy is the head's Var; a view of the kept graph's
-    // output unless checkpointing).
+    // x.detach(); drop(x).
+    let head_in = t.detach(x);
     t.drop_local(x);
     let source_elems = s.b * 2 * s.n;
     let mut g: Option<Id> = None;
@@ -1072,7 +1277,12 @@ pub(crate) fn micro_batch(
         };
         t.begin(); // the loop body
         gather(&mut t, head_piece(src as usize));
-        let estimate = head_source(&mut t, s, &ctx, head_in);
+        let params = head_params(&mut t, s);
+        let (mask, saved) = head_source_saved(&mut t, s, head_in, &params);
+        // Var::from_tensor: a copy of the (permuted) mask.
+        let var = t.leaf(t.elems(mask), s.es, true);
+        let estimate = apply_mask_istft(&mut t, s, &ctx, var, 1);
+        t.drop_local(mask);
         if src == 0 {
             t.mem.at = "forward: loss, source 0".into();
         }
@@ -1080,7 +1290,6 @@ pub(crate) fn micro_batch(
         let parts = loss_source(&mut t, s, src as usize, estimate, target_s);
         t.drop_local(target_s); // a temporary of the statement
         if src == 0 {
-            // With the head's input Var (the copy of the trunk's output).
             cost.head_and_loss = t.mem.live - head_start;
             cost.forward_peak = t.mem.peak - data;
             cost.forward_peak_at.clone_from(&t.mem.peak_at);
@@ -1090,26 +1299,32 @@ pub(crate) fn micro_batch(
         t.mem.at = format!("backward: {name} and loss, source {src}");
         let store = t.backward(parts[0]);
         for p in parts {
-            t.drop_local(p); // drop((parts, estimate, params))
+            t.drop_local(p); // drop((parts, estimate))
         }
         t.drop_local(estimate);
+        // The mask's gradient (detached) kept, the rest of the store and the Var dropped.
+        let dmask = t
+            .drop_store(store, Some(var))
+            .unwrap_or_else(|| t.leaf(t.elems(var), s.es, false));
+        t.drop_local(var);
+        t.mem.at = format!("backward: {name}, source {src}");
+        let (dx, grads) = head_source_backward(&mut t, s, head_in, &params, saved, dmask);
+        params.release(&mut t);
         // to_vec1 of each of the piece's gradients into the flat buffer.
         deliver(&mut t, head_piece(src as usize), blocks[last].largest_param);
-        // The trunk output's gradient, detached, added to the sum of the previous sources'.
-        if let Some(&gs) = store.get(&head_in) {
-            let gd = t.detach(gs);
-            let sum = match g {
-                None => gd,
-                Some(acc) => {
-                    let sum = t.binary(Bin::Add, acc, gd);
-                    t.release(acc);
-                    t.drop_local(gd);
-                    sum
-                }
-            };
-            g = Some(t.take(sum));
+        for gr in grads {
+            t.drop_local(gr);
         }
-        t.drop_store(store, None);
+        // The trunk output's gradient added to the sum of the previous sources'.
+        g = Some(match g {
+            None => t.take(dx),
+            Some(acc) => {
+                let sum = t.binary(Bin::Add, acc, dx);
+                t.release(acc);
+                t.drop_local(dx);
+                t.take(sum)
+            }
+        });
         t.end(&[]);
     }
     let mut comm = 0;
@@ -1119,7 +1334,7 @@ pub(crate) fn micro_batch(
         }
     };
     comm_after(&mut t, last, &mut comm);
-    // drop(head_in): the copy of the trunk's output into the head's Var.
+    // drop(head_in): the trunk's output.
     t.drop_local(head_in);
     for i in (0..last).rev() {
         t.mem.at = format!("backward: {}", blocks[i].name);

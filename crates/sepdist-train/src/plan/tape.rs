@@ -58,7 +58,7 @@ pub(crate) enum Bin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fused {
     /// `norm::rms_norm` / `rms_norm_groups` `(x, gamma)`: the backward kernel returns `dx ‖ dγ`
-    /// in one buffer.
+    /// in one buffer; `dγ` is copied out of it.
     RmsNorm,
     /// `attn_proj::qkv_rope` `(hn, w)` → `[3, S, H, L, Dh]`: the backward unrotates the gradient
     /// into `[rows, 3·I]`, then `dw = gᵀ·hn`, `dhn = g·w`.
@@ -71,7 +71,7 @@ pub(crate) enum Fused {
     /// `dx` is the incoming gradient itself.
     OutProj { rows_inner: u64 },
     /// `ffn::linear_bias` (`gelu == false`) / `gelu_linear_bias` `(x, w, b)`: `dw = gᵀ·act(x)`
-    /// (GELU recomputed, a temporary), `db = Σ g`, `dx = g·w` (times `gelu'(x)`, a new buffer).
+    /// (GELU recomputed, a temporary), `db = Σ g`, `dx = g·w` (times `gelu'(x)` in place).
     Linear { gelu: bool },
     /// `grouped_linear::grouped_linear` `(x, w, b)` (`tanh`: with the activation): the
     /// backward computes `gz = g·(1 − y²)` into a new buffer (with tanh; else `gz` is `g`),
@@ -676,12 +676,14 @@ impl Tape {
             Fused::RmsNorm => {
                 let (x, g) = (args[0], args[1]);
                 let packed = self.leaf(self.elems(x) + self.elems(g), es, false);
-                for (i, a) in [x, g].into_iter().enumerate() {
-                    if tracked(self, i) {
-                        let v = self.narrow(packed, self.elems(a), true);
-                        grads[i] = Some(self.reshape(v));
-                        self.drop_local(v);
-                    }
+                if tracked(self, 0) {
+                    let v = self.narrow(packed, self.elems(x), true);
+                    grads[0] = Some(self.reshape(v));
+                    self.drop_local(v);
+                }
+                if tracked(self, 1) {
+                    // dγ copied out of the packed buffer.
+                    grads[1] = Some(self.leaf(self.elems(g), es, false));
                 }
                 self.drop_local(packed);
             }
@@ -733,12 +735,9 @@ impl Tape {
                     self.drop_local(sum);
                 }
                 if tracked(self, 0) {
+                    // `da = g·w` (times `gelu'(x)` in place).
                     let da = self.leaf(self.elems(x), es, false);
-                    grads[0] = Some(if gelu {
-                        self.leaf(self.elems(x), es, false)
-                    } else {
-                        self.reshape(da)
-                    });
+                    grads[0] = Some(self.reshape(da));
                     self.drop_local(da);
                 }
             }
