@@ -153,6 +153,8 @@ struct MeterState {
     /// Micro-batches started since the window opened.
     micro: usize,
     window: Window,
+    /// The engine's last event in the running phase: where an error raised now comes from.
+    last_event: Option<crate::engine::EngineEvent>,
 }
 
 /// Where in a training step the heap was measured.
@@ -342,12 +344,14 @@ impl MemoryMeter {
             let previous = st.current;
             self.switch(&mut st, Some(phase));
             st.block = None;
+            st.last_event = None;
             previous
         };
         let out = f();
         let mut st = self.state();
         self.switch(&mut st, previous);
         st.block = None;
+        st.last_event = None;
         out
     }
 
@@ -356,6 +360,7 @@ impl MemoryMeter {
     pub fn engine_event(&self, event: crate::engine::EngineEvent) {
         use crate::engine::EngineEvent;
         let mut st = self.state();
+        st.last_event = Some(event);
         match event {
             EngineEvent::ForwardStart => {
                 self.switch(&mut st, Some(Phase::Forward));
@@ -381,6 +386,35 @@ impl MemoryMeter {
                 self.switch(&mut st, running);
             }
         }
+    }
+
+    /// Where the running code is now (`None` outside every phase), for an error raised there:
+    /// the phase and, inside the engine, the block whose forward or backward was running (the
+    /// one after the block last reported done; none between a micro-batch's start and its
+    /// first block, where the mixture's STFT runs) and the micro-batch.
+    pub fn location(&self) -> Option<Location> {
+        use crate::engine::EngineEvent;
+        let st = self.state();
+        let phase = st.current?;
+        if !matches!(phase, Phase::Forward | Phase::Backward) {
+            return Some(Location {
+                phase,
+                block: None,
+                micro: None,
+            });
+        }
+        let block = match st.last_event {
+            Some(EngineEvent::BlockForward(i)) => Some(i + 1),
+            // The head: `BlockForward(last)` came just before.
+            Some(EngineEvent::BackwardStart) => st.block,
+            Some(EngineEvent::BlockBackward(i)) => i.checked_sub(1),
+            Some(EngineEvent::ForwardStart) | None => None,
+        };
+        Some(Location {
+            phase,
+            block,
+            micro: (st.micro > 0).then_some(st.micro),
+        })
     }
 
     /// Sets the heap budget the step windows are checked against (`None`: no check).
@@ -762,6 +796,42 @@ mod tests {
         assert!(meter.discard_step().mem_peak_backward >= 1850);
         assert_eq!(meter.reported_step().0, 0);
         assert_eq!(meter.take_step(), StepMemory::default());
+    }
+
+    #[test]
+    fn the_location_is_the_block_running_after_the_engine_s_last_event() {
+        use crate::engine::EngineEvent;
+        let heap: &'static Scripted = Box::leak(Box::default());
+        let meter = std::sync::Arc::new(MemoryMeter::new(heap));
+        let probe = meter.probe();
+        let at = |phase, block, micro| {
+            Some(Location {
+                phase,
+                block,
+                micro,
+            })
+        };
+        assert_eq!(meter.location(), None);
+        meter.phase(Phase::Backward, || {
+            assert_eq!(meter.location(), at(Phase::Backward, None, None));
+            // Two blocks: block 1 is the head.
+            probe(EngineEvent::ForwardStart);
+            assert_eq!(meter.location(), at(Phase::Forward, None, Some(1)));
+            probe(EngineEvent::BlockForward(0));
+            assert_eq!(meter.location(), at(Phase::Forward, Some(1), Some(1)));
+            probe(EngineEvent::BlockForward(1));
+            probe(EngineEvent::BackwardStart);
+            assert_eq!(meter.location(), at(Phase::Backward, Some(1), Some(1)));
+            probe(EngineEvent::BlockBackward(1));
+            assert_eq!(meter.location(), at(Phase::Backward, Some(0), Some(1)));
+            probe(EngineEvent::BlockBackward(0));
+            assert_eq!(meter.location(), at(Phase::Backward, None, Some(1)));
+            probe(EngineEvent::ForwardStart);
+            assert_eq!(meter.location(), at(Phase::Forward, None, Some(2)));
+        });
+        meter.phase(Phase::Optimizer, || {
+            assert_eq!(meter.location(), at(Phase::Optimizer, None, None));
+        });
     }
 
     #[test]

@@ -10,12 +10,24 @@
 //!   against `training.memory_budget` ([`crate::memory::Window`]); a step over it on any rank
 //!   is discarded on every rank (one flag in the step's scalar all-reduce), and the trainer
 //!   stops or refits ([`fitted_after_failure`]).
+//! - **A CUDA out-of-memory error** ([`cuda_out_of_memory`]) from an op of the step (the batch's
+//!   copy to the device, forward, backward, the gradients' copies out, the parameters' refresh
+//!   after the update) sets the same flag: the failing rank records where it failed (phase,
+//!   block, micro-batch, the pool's figures), drops the step's tensors and still takes part in
+//!   the step's remaining collectives (gradient buckets, ZeRO-2's reduce-scatter, ZeRO-3's
+//!   gathers and reduces, replayed in the engine's order with values that are discarded), so
+//!   that every rank reaches the step's scalar all-reduce. A failure in the parameters' refresh
+//!   comes after that decision (the update is applied on every rank, the host copy is whole):
+//!   it sets the flag of the next step, which is discarded. The limit the refit is fitted to is
+//!   [`capacity_after_failure`]. Not recoverable: an out-of-memory inside a collective (NCCL's
+//!   staging buffers, allocated in the first step of each message size: the backend aborts the
+//!   process group, see `sepdist_comm`'s NCCL module), and one outside a step (model set-up,
+//!   validation): the run ends with the error, as [`TrainError::OutOfMemory`].
 //!
 //! Free memory comes from a [`DeviceMemory`]: [`CpuMemory`] on CPUs (`MemAvailable`, or the
 //! headroom of the process's memory cgroups if smaller), `cuMemGetInfo`'s free bytes on a CUDA
 //! device ([`crate::device::memory`]), which also gives the planner its device spec (the GPU
-//! kind by name). A CUDA out-of-memory error does not set the per-step flag yet: it ends the
-//! run with the error.
+//! kind by name).
 
 use crate::plan::text::{breakdown, describe_fit, set_args};
 use crate::plan::{DeviceKind, DeviceSpec, Fit, PlanError, Planner, Prediction, Setting};
@@ -495,6 +507,119 @@ pub fn preflight(
     Err(TrainError::OutOfMemory(summary))
 }
 
+/// How the CUDA libraries that candle calls name an allocation failure in their errors' text:
+/// cudarc prints a driver error as `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")` and
+/// cuBLAS's and cuDNN's as `CublasError(CUBLAS_STATUS_ALLOC_FAILED)`, `...(CUDNN_STATUS_ALLOC_FAILED)`.
+/// Only these codes count: "out of memory" alone also names host failures (which abort the
+/// process before any error is returned anyway).
+const CUDA_OOM_CODES: [&str; 3] = [
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+];
+
+/// The message of the CUDA out-of-memory error inside `e` (the contexts candle added, without
+/// its backtrace), or `None` when `e` is any other error. candle wraps a cudarc error as
+/// `Error::Cuda(CudaError::Cuda(DriverError))` (`.w()`), cuDNN's build as
+/// `Error::Wrapped(DriverError)`, either possibly inside `WithBacktrace` (`RUST_BACKTRACE`),
+/// `Context`, `WithPath` or `WrappedContext`; the chain is walked through each.
+pub fn cuda_out_of_memory(e: &candle_core::Error) -> Option<String> {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => cuda_out_of_memory(inner),
+        E::Context { inner, context } => {
+            cuda_out_of_memory(inner).map(|m| format!("{context}: {m}"))
+        }
+        E::WithPath { inner, path } => {
+            cuda_out_of_memory(inner).map(|m| format!("{}: {m}", path.display()))
+        }
+        E::Cuda(inner) => oom_in_error(inner.as_ref()),
+        E::WrappedContext { wrapped, context } => {
+            oom_in_error(wrapped.as_ref()).map(|m| format!("{context}: {m}"))
+        }
+        E::Wrapped(inner) => oom_in_text(&inner.to_string()),
+        E::Msg(text) => oom_in_text(text),
+        _ => None,
+    }
+}
+
+/// [`cuda_out_of_memory`] of a boxed error and its sources.
+fn oom_in_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(inner) = e.downcast_ref::<candle_core::Error>() {
+        return cuda_out_of_memory(inner);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(c) = e.downcast_ref::<candle_core::cuda_backend::CudaError>() {
+        return cuda_error_is_oom(c).then(|| c.to_string());
+    }
+    oom_in_text(&e.to_string()).or_else(|| e.source().and_then(oom_in_error))
+}
+
+fn oom_in_text(text: &str) -> Option<String> {
+    CUDA_OOM_CODES
+        .iter()
+        .any(|code| text.contains(code))
+        .then(|| text.trim().to_string())
+}
+
+/// The codes themselves, where the build has the types.
+#[cfg(feature = "cuda")]
+fn cuda_error_is_oom(e: &candle_core::cuda_backend::CudaError) -> bool {
+    use candle_core::cuda_backend::CudaError;
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasStatus_t;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+    match e {
+        CudaError::Cuda(d) | CudaError::Load { cuda: d, .. } => {
+            d.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY
+        }
+        CudaError::Cublas(c) => c.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+        _ => false,
+    }
+}
+
+impl TrainError {
+    /// The message of a CUDA out-of-memory error raised by a tensor op ([`cuda_out_of_memory`]);
+    /// `None` for every other error, including a collective's (whose CUDA failures break the
+    /// process group: they are not recoverable at a step boundary).
+    pub fn cuda_out_of_memory(&self) -> Option<String> {
+        match self {
+            TrainError::Model(sepdist_model::ModelError::Candle(e)) => cuda_out_of_memory(e),
+            _ => None,
+        }
+    }
+}
+
+/// What a rank could use when an op ran out of device memory: what its pool held from the
+/// driver at the failure (`reserved`) plus the device's free memory (`free`, measured after
+/// the step's tensors were dropped), less `training.memory_reserve`; or
+/// `training.memory_budget` when that is smaller (or nothing was measured).
+pub fn capacity_after_failure(
+    t: &TrainingConfig,
+    reserved: u64,
+    free: Option<Measured>,
+) -> Option<Available> {
+    let device = free.map(|m| Available {
+        bytes: (reserved + m.bytes).saturating_sub(t.memory_reserve.0),
+        source: format!(
+            "reserved {} + {} {} − training.memory_reserve {}",
+            format_bytes(reserved),
+            m.source,
+            format_bytes(m.bytes),
+            t.memory_reserve
+        ),
+        warning: None,
+    });
+    let budget = t.memory_budget.map(|b| Available {
+        bytes: b.0,
+        source: format!("training.memory_budget {b}"),
+        warning: None,
+    });
+    match (device, budget) {
+        (Some(d), Some(b)) => Some(if b.bytes < d.bytes { b } else { d }),
+        (d, b) => d.or(b),
+    }
+}
+
 /// Rank 0 writes `text` to stderr in one piece (the launcher forwards it whole).
 fn print_once(rank0: bool, text: &str) {
     if rank0 && !text.is_empty() {
@@ -602,6 +727,160 @@ mod tests {
         assert!(
             a.warning
                 .is_some_and(|w| w.contains("more than the 1.0 kB free"))
+        );
+    }
+
+    /// cudarc's `DriverError` as it prints (its `Display` is its `Debug`: the code's name and
+    /// `cuGetErrorString`'s text); the type exists only in CUDA builds.
+    #[derive(Debug)]
+    #[allow(dead_code)] // read through `Debug`, as cudarc's `Display` does
+    struct DriverError(Code, &'static str);
+
+    #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+    #[derive(Debug)]
+    enum Code {
+        CUDA_ERROR_OUT_OF_MEMORY,
+        CUDA_ERROR_ILLEGAL_ADDRESS,
+    }
+
+    impl std::fmt::Display for DriverError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{self:?}")
+        }
+    }
+
+    impl std::error::Error for DriverError {}
+
+    /// candle's `CudaError`, which wraps the driver's error transparently.
+    #[derive(Debug, thiserror::Error)]
+    enum CudaError {
+        #[error(transparent)]
+        Cuda(#[from] DriverError),
+    }
+
+    fn out_of_memory() -> DriverError {
+        DriverError(Code::CUDA_ERROR_OUT_OF_MEMORY, "out of memory")
+    }
+
+    /// As candle's `.w()` builds it, with a backtrace as under `RUST_BACKTRACE=1`.
+    fn candle_cuda(e: DriverError) -> candle_core::Error {
+        candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Cuda(Box::new(CudaError::from(e)))),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+    }
+
+    #[test]
+    fn a_cuda_out_of_memory_is_recognised_through_candle_s_wrappers_without_the_backtrace() {
+        let expected = r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
+        let e = candle_cuda(out_of_memory());
+        // The error's own text carries the backtrace; the message does not.
+        assert!(e.to_string().len() > expected.len());
+        assert_eq!(cuda_out_of_memory(&e).as_deref(), Some(expected));
+        let e = candle_cuda(out_of_memory()).context("qkv projection");
+        assert_eq!(
+            cuda_out_of_memory(&e).as_deref(),
+            Some(format!("qkv projection: {expected}").as_str())
+        );
+        // cuDNN builds: `Error::wrap(DriverError)`; a `Result<_, candle::Error>` with context.
+        let e = candle_core::Error::wrap(out_of_memory());
+        assert_eq!(cuda_out_of_memory(&e).as_deref(), Some(expected));
+        let r: Result<(), candle_core::Error> = Err(candle_cuda(out_of_memory()));
+        let e = candle_core::Context::context(r, "iSTFT").expect_err("an error");
+        assert_eq!(
+            cuda_out_of_memory(&e).as_deref(),
+            Some(format!("iSTFT: {expected}").as_str())
+        );
+        let e = candle_core::Error::Cuda(Box::new(CudaError::from(DriverError(
+            Code::CUDA_ERROR_OUT_OF_MEMORY,
+            "out of memory",
+        ))));
+        assert!(cuda_out_of_memory(&e).is_some());
+        // cuBLAS's workspace.
+        let e = candle_core::Error::Cuda("CublasError(CUBLAS_STATUS_ALLOC_FAILED)".into());
+        assert!(cuda_out_of_memory(&e).is_some());
+        // Through the trainer's error.
+        let t = TrainError::from(candle_cuda(out_of_memory()));
+        assert_eq!(t.cuda_out_of_memory().as_deref(), Some(expected));
+    }
+
+    #[test]
+    fn other_errors_are_not_a_cuda_out_of_memory() {
+        let illegal = DriverError(
+            Code::CUDA_ERROR_ILLEGAL_ADDRESS,
+            "an illegal memory access was encountered",
+        );
+        assert!(cuda_out_of_memory(&candle_cuda(illegal)).is_none());
+        // "out of memory" alone names no CUDA failure.
+        assert!(cuda_out_of_memory(&candle_core::Error::Msg("out of memory".into())).is_none());
+        let host = std::io::Error::new(std::io::ErrorKind::OutOfMemory, "out of memory");
+        assert!(cuda_out_of_memory(&candle_core::Error::from(host)).is_none());
+        let shape = candle_core::Error::ShapeMismatch {
+            buffer_size: 3,
+            shape: candle_core::Shape::from(4),
+        };
+        assert!(cuda_out_of_memory(&shape).is_none());
+        // A collective's CUDA failure breaks the process group: not a step's to decide.
+        let broken = TrainError::Comm(sepdist_comm::CommError::Broken {
+            reason: format!(
+                "NCCL staging buffers: device allocation of 8 floats: {}",
+                out_of_memory()
+            ),
+        });
+        assert!(broken.cuda_out_of_memory().is_none());
+        assert!(
+            TrainError::Setup("CUDA_ERROR_OUT_OF_MEMORY".into())
+                .cuda_out_of_memory()
+                .is_none()
+        );
+    }
+
+    /// The real types of a CUDA build (the text needs the driver: only where a device opens).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_driver_s_out_of_memory_code_is_recognised() {
+        use candle_core::cuda_backend::CudaError;
+        use candle_core::cuda_backend::cudarc::driver::{DriverError, sys::CUresult};
+        if candle_core::Device::new_cuda(0).is_err() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let oom = candle_core::Error::Cuda(Box::new(CudaError::from(DriverError(
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+        ))))
+        .bt();
+        let message = cuda_out_of_memory(&oom).expect("an out-of-memory");
+        assert!(message.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{message}");
+        let other = candle_core::Error::Cuda(Box::new(CudaError::from(DriverError(
+            CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+        ))));
+        assert!(cuda_out_of_memory(&other).is_none());
+    }
+
+    #[test]
+    fn the_capacity_after_a_failure_is_the_pool_and_the_free_memory_or_a_smaller_budget() {
+        let mut t = TrainingConfig {
+            memory_reserve: ByteSize(100),
+            ..TrainingConfig::default()
+        };
+        let a = capacity_after_failure(&t, 700, measured(1000)).expect("known");
+        assert_eq!(a.bytes, 1600);
+        assert!(a.source.contains("reserved 700 B + test"), "{}", a.source);
+        assert!(capacity_after_failure(&t, 700, None).is_none());
+        t.memory_budget = Some(ByteSize(1200));
+        let a = capacity_after_failure(&t, 700, measured(1000)).expect("known");
+        assert_eq!(
+            (a.bytes, a.source.as_str()),
+            (1200, "training.memory_budget 1200B")
+        );
+        assert_eq!(
+            capacity_after_failure(&t, 700, None).map(|a| a.bytes),
+            Some(1200)
+        );
+        t.memory_budget = Some(ByteSize(5000));
+        assert_eq!(
+            capacity_after_failure(&t, 700, measured(1000)).map(|a| a.bytes),
+            Some(1600)
         );
     }
 

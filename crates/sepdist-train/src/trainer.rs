@@ -22,7 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+mod cuda_oom;
 mod on_oom;
+
+pub use cuda_oom::{FaultFn, FaultHook, FaultPoint, FaultSite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -101,6 +104,9 @@ pub struct TestHooks {
     pub nan_at_steps: Vec<u64>,
     /// Behave as if SIGTERM arrived once this many optimizer steps are done.
     pub stop_after_steps: Option<u64>,
+    /// Makes ops of chosen steps fail (library tests of the out-of-memory handling; the CLI
+    /// sets none).
+    pub fault: Option<FaultHook>,
 }
 
 /// What to train and how.
@@ -214,6 +220,12 @@ struct Trainer<'c> {
     tb: Option<crate::tensorboard::TbWriter>,
     /// What the ranks are doing ("optimizer step 7"), for the collective-deadline message.
     activity: String,
+    /// A CUDA out-of-memory error in the refresh of the engine's parameters after an update
+    /// (after that step's decision): it decides the next step.
+    pending_oom: Option<cuda_oom::CudaFailure>,
+    /// The engine's parameters are not those of `flat` (their refresh failed): reloaded before
+    /// the engine runs again.
+    engine_stale: bool,
 }
 
 /// `ema ← m·ema + (1 − m)·weights`, in fp32 in this order (the tests reproduce it bitwise).
@@ -255,6 +267,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 /// Trains with the ranks of `comm` (`sepdist_comm::init`; `Local` for one process). Every
 /// rank calls this with the same request.
 pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, TrainError> {
+    // A CUDA out-of-memory while setting up (the model's parameters on the device) ends the
+    // run as one, without candle's backtrace.
+    train_rank(req, comm).map_err(|e| match e.cuda_out_of_memory() {
+        Some(m) => TrainError::OutOfMemory(format!(
+            "CUDA out of memory on rank {} while setting up training: {m}",
+            comm.rank()
+        )),
+        None => e,
+    })
+}
+
+fn train_rank(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, TrainError> {
     let cfg = req.config.clone();
     let t = &cfg.training;
     // Settings this build cannot honour are refused, never silently replaced.
@@ -364,6 +388,8 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         sample_rate: data.sample_rate,
         tb: None,
         activity: "start-up".into(),
+        pending_oom: None,
+        engine_stale: false,
         engine,
         comm,
         cfg: cfg.clone(),
@@ -389,7 +415,16 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
         let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         trainer.comm.abort(1);
     }
-    result
+    // Outside a step (validation, a checkpoint's gathers) the ranks cannot decide together on a
+    // CUDA out-of-memory: it ends this rank's run as one (the others stop at their next
+    // collective, or when the launcher ends the job).
+    result.map_err(|e| match e.cuda_out_of_memory() {
+        Some(m) => TrainError::OutOfMemory(format!(
+            "CUDA out of memory on rank {rank} during {}: {m}",
+            trainer.activity
+        )),
+        None => e,
+    })
 }
 
 impl Trainer<'_> {
@@ -522,10 +557,10 @@ impl Trainer<'_> {
             let started = Instant::now();
             self.activity = format!("optimizer step {}", step + 1);
             let record = self.step(step, &mut loader, hooks, local_signal)?;
-            if let Some(window) = &record.out_of_memory {
+            if let Some(failed) = &record.out_of_memory {
                 // Nothing of the step was applied: stop here, or redo it with the fitted
                 // setting (same examples per optimizer step, new micro-batch split).
-                self.out_of_memory(step, window, metrics.as_mut())?;
+                self.out_of_memory(step, failed, metrics.as_mut())?;
                 drop(loader);
                 loader = Loader::new(
                     Arc::clone(&sampler),
@@ -622,6 +657,17 @@ impl Trainer<'_> {
                 last_saved = Some(step);
             }
         }
+        if let Some(f) = self.pending_oom.take() {
+            // The last update is applied (the saved weights are the host's, whole); only this
+            // rank's device copy of them is behind, and nothing runs on it any more.
+            let line = format!(
+                "warning: rank {}: CUDA out of memory refreshing the device's parameters after the last step ({}): {}\n",
+                self.comm.rank(),
+                f.at.phase.name(),
+                f.message
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        }
         let path = if last_saved == Some(step) {
             self.ckpt_dir.join(
                 std::fs::read_to_string(self.ckpt_dir.join(checkpoint::LATEST_FILE))
@@ -639,6 +685,24 @@ impl Trainer<'_> {
     }
 }
 
+/// Why a step was discarded, on this rank: its window against the memory budget, and a
+/// CUDA out-of-memory error of its ops.
+struct StepFailure {
+    window: crate::memory::Window,
+    cuda: Option<cuda_oom::CudaFailure>,
+}
+
+/// Which micro-batch of which step runs, and how.
+struct MicroBatch<'h> {
+    step: u64,
+    /// 0-based within the step.
+    index: usize,
+    /// Its gradient's buckets are all-reduced as its blocks finish (the last of the window,
+    /// several ranks, ZeRO 0 or 1).
+    bucketed: bool,
+    fault: Option<&'h FaultHook>,
+}
+
 /// What one optimizer step reports (identical on every rank).
 struct StepOutcome {
     losses: LossValues,
@@ -647,8 +711,9 @@ struct StepOutcome {
     skipped: bool,
     /// A stop signal seen by any rank (0: none).
     signal: usize,
-    /// Some rank went over the memory budget: the step was discarded; this rank's figures.
-    out_of_memory: Option<crate::memory::Window>,
+    /// Some rank went over the memory budget or ran out of CUDA memory: the step was
+    /// discarded; this rank's figures.
+    out_of_memory: Option<StepFailure>,
 }
 
 impl Trainer<'_> {
@@ -656,6 +721,11 @@ impl Trainer<'_> {
     /// window's last micro-batch: with ZeRO 0/1, each bucket's all-reduce starts as soon as
     /// the blocks it covers have finished their backward, overlapping the backward of the
     /// earlier blocks; with ZeRO 2, one reduce-scatter into this rank's shard.
+    ///
+    /// After a CUDA out-of-memory error of an op, this rank computes nothing more in the step
+    /// but still issues, in the same order, every collective the other ranks issue (the rest
+    /// of the buckets, the reduce-scatter, ZeRO-3's exchanges): its values are discarded with
+    /// the step, which the scalar all-reduce's flag discards on every rank.
     fn step(
         &mut self,
         step: u64,
@@ -665,71 +735,110 @@ impl Trainer<'_> {
     ) -> Result<StepOutcome, TrainError> {
         let accumulation = self.cfg.training.gradient_accumulation_steps;
         let world = self.comm.world_size();
+        let rank = self.comm.rank();
         let zero_stage = self.cfg.distributed.zero_stage;
+        let fault = hooks.fault.as_ref();
         self.grads.fill(0.0);
         let mut losses = LossValues::default();
         let blocks = self.engine.separator().blocks().len();
         let mut pending: Vec<(usize, Box<dyn PendingReduce>)> = Vec::new();
+        // A failure carried from the previous step's parameter refresh decides this step.
+        let mut failure = self.pending_oom.take();
+        if failure.is_none() && self.engine_stale {
+            // A refit redoes the step after this rank's refresh failed: again, as an op of it.
+            let reloaded = cuda_oom::caught(
+                &self.meter,
+                Phase::Optimizer,
+                self.engine.load_flat(&self.flat).map_err(TrainError::from),
+            )?;
+            match reloaded {
+                Ok(()) => self.engine_stale = false,
+                Err(mut f) => {
+                    f.message = format!("reloading the device's parameters: {}", f.message);
+                    failure = Some(f);
+                }
+            }
+        }
+        let zero3_schedule = self
+            .zero3
+            .as_ref()
+            .map(|_| {
+                cuda_oom::zero3_schedule(&self.engine, self.cfg.training.gradient_checkpointing)
+            })
+            .unwrap_or_default();
+        // Blocks whose backward finished in the last micro-batch (bucketed reductions).
+        let mut done = vec![false; blocks];
         for micro in 0..accumulation {
-            let batch = self
-                .meter
-                .phase(Phase::Data, || loader.next())
-                .ok_or_else(|| {
-                    TrainError::Setup(format!("the data loader ended before step {step}"))
-                })??;
-            let (mixture, stems) = batch_tensors(&batch, self.engine.device())?;
-            let (engine, comm, plan) = (&self.engine, self.comm, &self.buckets);
-            if let Some(zero3) = &self.zero3 {
-                // Every micro-batch reduce-scatters each piece's gradient into the shard.
-                let mut access = zero3.access(comm, &self.flat, &mut self.grads);
-                let values = self.meter.phase(Phase::Backward, || {
-                    engine.forward_backward_sharded::<TrainError, _>(&mixture, &stems, &mut access)
-                })?;
-                losses.add(values, 1.0 / accumulation as f64);
+            let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
+            done.fill(false);
+            let mut zero3_done: Vec<cuda_oom::Exchange> = Vec::new();
+            if failure.is_none() {
+                let at = MicroBatch {
+                    step,
+                    index: micro,
+                    bucketed,
+                    fault,
+                };
+                let computed =
+                    self.micro_batch(&at, loader, &mut done, &mut pending, &mut zero3_done)?;
+                match computed {
+                    Ok(values) => losses.add(values, 1.0 / accumulation as f64),
+                    Err(f) => failure = Some(f),
+                }
+            }
+            if failure.is_none() {
                 continue;
             }
-            let bucketed = micro + 1 == accumulation && world > 1 && zero_stage < 2;
-            let mut done = vec![false; blocks];
-            let values = self.meter.phase(Phase::Backward, || {
-                engine.forward_backward_with(
-                    &mixture,
-                    &stems,
-                    &mut self.grads,
-                    |block, grads: &[f32]| -> Result<(), TrainError> {
-                        if bucketed {
-                            // MPI advances non-blocking collectives only inside MPI calls:
-                            // poll the reductions in flight between blocks.
-                            for (_, reduce) in pending.iter_mut() {
-                                reduce.poll()?;
-                            }
-                            done[block] = true;
-                            for b in plan.ready_after(block, &done) {
-                                let range = plan.buckets[b].range.clone();
-                                pending
-                                    .push((b, comm.start_all_reduce_sum(grads[range].to_vec())?));
-                            }
-                        }
-                        Ok(())
-                    },
-                )
-            })?;
-            losses.add(values, 1.0 / accumulation as f64);
+            // The collectives of this micro-batch that the other ranks issue and this rank
+            // has not: in the order the engine issues them.
+            if let Some(zero3) = &self.zero3 {
+                let mut access = zero3.access(self.comm, &self.flat, &mut self.grads);
+                let (engine, schedule) = (&self.engine, &zero3_schedule);
+                self.meter.phase(Phase::Backward, || {
+                    cuda_oom::finish_zero3(&mut access, engine, schedule, &zero3_done)
+                })?;
+            } else if bucketed {
+                // Blocks finish their backward in reverse order.
+                for block in (0..blocks).rev() {
+                    if done[block] {
+                        continue;
+                    }
+                    done[block] = true;
+                    for b in self.buckets.ready_after(block, &done) {
+                        let range = self.buckets.buckets[b].range.clone();
+                        pending.push((
+                            b,
+                            self.comm.start_all_reduce_sum(self.grads[range].to_vec())?,
+                        ));
+                    }
+                }
+            }
         }
-        self.meter
-            .phase(Phase::Communication, || -> Result<(), TrainError> {
-                for (b, reduce) in pending.drain(..) {
-                    let summed = reduce.wait()?;
-                    let range = self.buckets.buckets[b].range.clone();
-                    self.grads[range].copy_from_slice(&summed);
-                }
-                if world > 1 && zero_stage == 2 {
-                    self.comm
-                        .reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
-                    let shard = self.shard.clone();
-                    self.grads[shard].copy_from_slice(&self.grad_shard);
-                }
-                Ok(())
-            })?;
+        let communicated =
+            self.meter
+                .phase(Phase::Communication, || -> Result<_, TrainError> {
+                    let injected = if failure.is_none() {
+                        let r = cuda_oom::inject(fault, step, rank, FaultSite::Communication);
+                        cuda_oom::caught(&self.meter, Phase::Communication, r)?.err()
+                    } else {
+                        None
+                    };
+                    for (b, reduce) in pending.drain(..) {
+                        let summed = reduce.wait()?;
+                        let range = self.buckets.buckets[b].range.clone();
+                        self.grads[range].copy_from_slice(&summed);
+                    }
+                    if world > 1 && zero_stage == 2 {
+                        self.comm
+                            .reduce_scatter_sum(&self.grads, &mut self.grad_shard)?;
+                        let shard = self.shard.clone();
+                        self.grads[shard].copy_from_slice(&self.grad_shard);
+                    }
+                    Ok(injected)
+                })?;
+        if failure.is_none() {
+            failure = communicated;
+        }
         // Mean over the window and the ranks: k micro-batches of size b on W ranks equal one
         // batch of k·b·W.
         let scale = 1.0 / (accumulation * world) as f32;
@@ -768,7 +877,7 @@ impl Trainer<'_> {
             f64::from(u8::from(local_signal == STOP_SIGNALS[0])),
             f64::from(u8::from(local_signal == STOP_SIGNALS[1])),
             f64::from(u8::from(local_signal == STOP_SIGNALS[2])),
-            f64::from(u8::from(window.over_budget())),
+            f64::from(u8::from(window.over_budget() || failure.is_some())),
         ];
         self.comm.all_reduce_sum_f64(&mut scalars)?;
         let w = world as f64;
@@ -786,14 +895,17 @@ impl Trainer<'_> {
             .find(|(_, count)| **count > 0.0)
             .map_or(0, |(s, _)| *s);
         if scalars[8] > 0.0 {
-            // Over the memory budget on some rank: no state changes, every rank alike.
+            // Out of memory on some rank: no state changes, every rank alike.
             return Ok(StepOutcome {
                 losses,
                 lr: 0.0,
                 grad_norm: norm,
                 skipped: true,
                 signal,
-                out_of_memory: Some(window),
+                out_of_memory: Some(StepFailure {
+                    window,
+                    cuda: failure,
+                }),
             });
         }
         let lr = self.lr.lr(step) * self.lr_scale();
@@ -829,8 +941,9 @@ impl Trainer<'_> {
                 .iter_mut()
                 .for_each(|g| *g *= clip);
         }
-        self.meter
-            .phase(Phase::Optimizer, || -> Result<(), TrainError> {
+        let refreshed = self
+            .meter
+            .phase(Phase::Optimizer, || -> Result<_, TrainError> {
                 self.adam.update(
                     &mut self.flat[shard.clone()],
                     &self.grads[shard.clone()],
@@ -841,15 +954,25 @@ impl Trainer<'_> {
                         ema_update(ema, &self.flat[shard.clone()], e.momentum);
                     }
                 }
-                if self.zero3.is_none() {
-                    if zero_stage >= 1 && world > 1 {
-                        let mine = self.flat[shard.clone()].to_vec();
-                        self.comm.all_gather(&mine, &mut self.flat)?;
-                    }
-                    self.engine.load_flat(&self.flat)?;
+                if self.zero3.is_some() {
+                    let r = cuda_oom::inject(fault, step, rank, FaultSite::Optimizer);
+                    return cuda_oom::caught(&self.meter, Phase::Optimizer, r);
                 }
-                Ok(())
+                if zero_stage >= 1 && world > 1 {
+                    let mine = self.flat[shard.clone()].to_vec();
+                    self.comm.all_gather(&mine, &mut self.flat)?;
+                }
+                let r = cuda_oom::inject(fault, step, rank, FaultSite::Optimizer)
+                    .and_then(|()| Ok(self.engine.load_flat(&self.flat)?));
+                cuda_oom::caught(&self.meter, Phase::Optimizer, r)
             })?;
+        if let Err(mut f) = refreshed {
+            // The update is applied on every rank and the host's weights are whole; this
+            // rank's engine holds some old parameters. The next step's decision carries it.
+            f.after_update_of = Some(step);
+            self.engine_stale = self.zero3.is_none();
+            self.pending_oom = Some(f);
+        }
         Ok(StepOutcome {
             losses,
             lr,
@@ -857,6 +980,84 @@ impl Trainer<'_> {
             skipped: false,
             signal,
             out_of_memory: None,
+        })
+    }
+    /// Micro-batch `at` of a step: its batch from `loader`, the forward and the backward, its
+    /// gradient added into `grads` (ZeRO 0-2; with `at.bucketed`, each bucket's all-reduce
+    /// started into `pending` as soon as the blocks it covers, marked in `done`, are done) or
+    /// reduced into the shards (ZeRO-3, the exchanges done listed in `zero3_done`). A CUDA
+    /// out-of-memory error of its ops is returned as the failure, where it happened.
+    fn micro_batch(
+        &mut self,
+        at: &MicroBatch<'_>,
+        loader: &mut Loader,
+        done: &mut [bool],
+        pending: &mut Vec<(usize, Box<dyn PendingReduce>)>,
+        zero3_done: &mut Vec<cuda_oom::Exchange>,
+    ) -> Result<Result<LossValues, cuda_oom::CudaFailure>, TrainError> {
+        let (step, micro, fault) = (at.step, at.index, at.fault);
+        let rank = self.comm.rank();
+        let batch = self
+            .meter
+            .phase(Phase::Data, || loader.next())
+            .ok_or_else(|| {
+                TrainError::Setup(format!("the data loader ended before step {step}"))
+            })??;
+        let tensors = cuda_oom::caught(
+            &self.meter,
+            Phase::Data,
+            cuda_oom::inject(fault, step, rank, FaultSite::Batch { micro })
+                .and_then(|()| Ok(batch_tensors(&batch, self.engine.device())?)),
+        )?;
+        drop(batch);
+        let (mixture, stems) = match tensors {
+            Ok(t) => t,
+            Err(f) => return Ok(Err(f)),
+        };
+        let (engine, comm, plan, meter) = (&self.engine, self.comm, &self.buckets, &self.meter);
+        if let Some(zero3) = &self.zero3 {
+            // Every micro-batch reduce-scatters each piece's gradient into the shard.
+            let mut access = cuda_oom::Recording {
+                inner: zero3.access(comm, &self.flat, &mut self.grads),
+                done: Vec::new(),
+                fault,
+                step,
+                rank,
+                micro,
+                head: engine.separator().blocks().len() - 1,
+            };
+            let values = meter.phase(Phase::Backward, || {
+                let r =
+                    engine.forward_backward_sharded::<TrainError, _>(&mixture, &stems, &mut access);
+                cuda_oom::caught(meter, Phase::Backward, r)
+            });
+            *zero3_done = access.done;
+            return values;
+        }
+        let bucketed = at.bucketed;
+        meter.phase(Phase::Backward, || {
+            let r = engine.forward_backward_with(
+                &mixture,
+                &stems,
+                &mut self.grads,
+                |block, grads: &[f32]| -> Result<(), TrainError> {
+                    cuda_oom::inject(fault, step, rank, FaultSite::Backward { micro, block })?;
+                    if bucketed {
+                        // MPI advances non-blocking collectives only inside MPI calls: poll
+                        // the reductions in flight between blocks.
+                        for (_, reduce) in pending.iter_mut() {
+                            reduce.poll()?;
+                        }
+                        done[block] = true;
+                        for b in plan.ready_after(block, done) {
+                            let range = plan.buckets[b].range.clone();
+                            pending.push((b, comm.start_all_reduce_sum(grads[range].to_vec())?));
+                        }
+                    }
+                    Ok(())
+                },
+            );
+            cuda_oom::caught(meter, Phase::Backward, r)
         })
     }
 
@@ -888,6 +1089,12 @@ impl Trainer<'_> {
             let result = self.validate_loaded(step, metrics, keep_best);
             self.engine.release_params();
             return result;
+        }
+        if self.engine_stale {
+            // The refresh after the last update failed on this rank (its out-of-memory decides
+            // the next step): validation needs the weights.
+            self.engine.load_flat(&self.flat)?;
+            self.engine_stale = false;
         }
         if let Some(ema) = &ema {
             self.engine.load_flat(ema)?;
