@@ -85,17 +85,13 @@ pub fn flops_per_sample(cfg: &ModelConfig, n_sources: usize, segment_length: usi
 }
 
 /// Forward FLOPs, per stereo example of `segment_length` samples, of the transformers' QKV
-/// projections and attention products (`QKᵀ`, `PV`): what activation checkpointing's
-/// backward runs a third time (`Block::backward_recomputed`).
-pub fn attention_flops_per_sample(cfg: &ModelConfig, segment_length: usize) -> f64 {
+/// projections: what activation checkpointing's backward runs a third time
+/// (`Block::backward_recomputed`).
+pub fn qkv_flops_per_sample(cfg: &ModelConfig, segment_length: usize) -> f64 {
     let k = cfg.bands.widths().len() as f64;
     let t = cfg.frames(segment_length) as f64;
     let d = cfg.emb_dim as f64;
-    let heads = cfg.n_heads.max(1);
-    let dh = (cfg.emb_dim / heads) as f64;
-    let h = heads as f64;
-    let attention = |seqs: f64, len: f64| {
-        2.0 * seqs * len * d * 3.0 * h * dh + 2.0 * 2.0 * seqs * h * len * len * dh
-    };
-    cfg.n_layers as f64 * (attention(k, t) + attention(t, k))
+    let inner = (cfg.n_heads.max(1) * (cfg.emb_dim / cfg.n_heads.max(1))) as f64;
+    // Both transformers of a layer see every (frame, band) token once.
+    cfg.n_layers as f64 * 2.0 * (2.0 * k * t * d * 3.0 * inner)
 }

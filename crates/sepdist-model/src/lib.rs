@@ -4,7 +4,7 @@
 //!   (`time`, `band`), `head`), each `forward(params, x, ctx)`; parameters are described by
 //!   [`ParamSpec`]s (module-path names, name-sorted) and created by a seeded initialiser.
 //! - [`loss::SeparationLoss`]: waveform L1 + weighted multi-resolution STFT L1.
-//! - [`param_count`], [`flops_per_sample`], [`attention_flops_per_sample`]: closed forms of the
+//! - [`param_count`], [`flops_per_sample`], [`qkv_flops_per_sample`]: closed forms of the
 //!   configuration.
 //! - [`ops`]: STFT/iSTFT, FlashAttention, RMSNorm, softmax, RoPE with a backward.
 
@@ -19,7 +19,7 @@ pub mod separator;
 
 pub use bands::{BandGroup, BandLayout};
 pub use error::{ModelError, Result};
-pub use flops::{attention_flops_per_sample, flops_per_sample, param_count};
+pub use flops::{flops_per_sample, param_count, qkv_flops_per_sample};
 pub use params::{Init, ParamSpec};
 pub use separator::{
     AttentionKind, Block, BlockKind, Dims, ForwardContext, HeadSaved, RMS_EPS, ROPE_BASE,

@@ -175,9 +175,10 @@ pub struct SavedForward {
     x: Tensor,
     /// The norms' outputs: `None` under checkpointing (recomputed where used).
     hn: Option<Tensor>,
-    /// q/k/v and the attention output: `None` under checkpointing (recomputed after the
-    /// feed-forward's backward, so that they are not held through it).
-    attention: Option<(Tensor, Tensor)>,
+    /// q/k/v: `None` under checkpointing (projected again after the feed-forward's backward,
+    /// so that they are not held through it).
+    qkv: Option<Tensor>,
+    fo: Tensor,
     xs: Tensor,
     hn2: Option<Tensor>,
     hid: Tensor,
@@ -433,9 +434,9 @@ impl Block {
     }
 
     /// Activation checkpointing's backward of a transformer from its input `x` alone: the
-    /// forward is rerun without a graph, keeping neither the two norms' outputs nor q/k/v and
-    /// the attention output (each is recomputed where the backward uses it: the attention's
-    /// forward runs a third time, after the feed-forward's backward), then
+    /// forward is rerun without a graph, keeping neither the two norms' outputs nor q/k/v
+    /// (each is recomputed where the backward uses it: the QKV projection runs a third time,
+    /// after the feed-forward's backward; the attention itself is not rerun), then
     /// [`Block::backward_saved`]'s steps run. Results as [`Block::backward_saved`]'s.
     pub fn backward_recomputed(
         &self,
@@ -452,8 +453,7 @@ impl Block {
     }
 
     /// The forward up to what the backward needs (the feed-forward's hidden pre-activation);
-    /// the norms' outputs, q/k/v and the attention output are kept only when `keep`, else
-    /// dropped after their use.
+    /// the norms' outputs and q/k/v are kept only when `keep`, else dropped after their use.
     fn forward_kept(
         &self,
         p: &LayerParams,
@@ -468,14 +468,14 @@ impl Block {
         let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
         let qkv = keep.then_some(qkv);
         let xs = attn_proj::out_proj_residual(&fo, &p.wo, &x, seq, self.dims.head_dim)?;
-        let attention = qkv.map(|qkv| (qkv, fo));
         let hn2 = norm::rms_norm(&xs, &p.g2, RMS_EPS)?;
         let hid = ffn::linear_bias(&hn2, &p.w1, &p.b1)?;
         let hn2 = keep.then_some(hn2);
         Ok(SavedForward {
             x,
             hn,
-            attention,
+            qkv,
+            fo,
             xs,
             hn2,
             hid,
@@ -495,14 +495,14 @@ impl Block {
         let SavedForward {
             x,
             hn,
-            attention,
+            qkv,
+            fo,
             xs,
             hn2,
             hid,
         } = saved;
         let (dxs, [dg2, dw1, db1, dw2, db2]) = Self::ffn_backward(p, xs, hid, hn2, dy)?;
-        let (dx, [dg1, dwqkv, dwo]) =
-            self.attention_backward(p, x, hn, attention, dxs, seq, rope)?;
+        let (dx, [dg1, dwqkv, dwo]) = self.attention_backward(p, x, hn, qkv, fo, dxs, seq, rope)?;
         Ok((dx, [dg1, dwqkv, dwo, dg2, dw1, db1, dw2, db2]))
     }
 
@@ -535,7 +535,7 @@ impl Block {
     }
 
     /// Attention part: xs = x + fo·woᵀ, fo = attention(qkv), qkv = rope(hn·wqkvᵀ), hn =
-    /// norm(x) (each recomputed when not given). Returns the gradient of `x` and `[dg1,
+    /// norm(x) (qkv and hn recomputed when not given). Returns the gradient of `x` and `[dg1,
     /// dwqkv, dwo]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -543,20 +543,18 @@ impl Block {
         p: &LayerParams,
         x: Tensor,
         hn: Option<Tensor>,
-        attention: Option<(Tensor, Tensor)>,
+        qkv: Option<Tensor>,
+        fo: Tensor,
         dxs: Tensor,
         seq: SeqLayout,
         rope: &Rope,
     ) -> Result<(Tensor, [Tensor; 3])> {
         let dh = self.dims.head_dim;
-        let (qkv, fo) = match attention {
+        let qkv = match qkv {
             Some(kept) => kept,
             None => {
                 let hn = norm::rms_norm(&x, &p.g1, RMS_EPS)?;
-                let qkv = attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?;
-                drop(hn);
-                let fo = attention::flash_attention_packed(&qkv, self.attention_scale())?;
-                (qkv, fo)
+                attn_proj::qkv_rope(&hn, &p.wqkv, rope, seq, self.dims.heads)?
             }
         };
         let (dfo, dwo) = attn_proj::out_proj_residual_backward(&fo, &p.wo, seq, dh, &dxs)?;

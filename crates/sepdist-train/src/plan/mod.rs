@@ -22,7 +22,7 @@
 //! Step time model (relative, for comparing settings of one config and device): compute =
 //! model FLOPs of the step × (3 + r) / 3 with `r` the forward FLOPs recomputed by activation
 //! checkpointing as a fraction of the forward (backward = 2 × forward; a checkpointed
-//! transformer's QKV projection and attention run three times), at the device's peak;
+//! transformer's QKV projection runs three times), at the device's peak;
 //! communication = bytes sent per rank by the collectives of the ZeRO stage (ring algorithms:
 //! all-reduce `2(W−1)/W · 4n`, reduce-scatter and all-gather `(W−1)/W · 4n` each), at the
 //! device's link bandwidth, not overlapped. Micro-batch size does not change the model's
@@ -459,8 +459,8 @@ impl Planner {
     }
 
     /// Forward FLOPs per sample that checkpointing recomputes (the band split and the
-    /// transformers, whose QKV projections and attention run a third time), as a fraction of
-    /// the whole forward.
+    /// transformers, whose QKV projections run a third time), as a fraction of the whole
+    /// forward.
     fn recompute_fraction(&self, segment: usize) -> f64 {
         let m = &self.cfg.model;
         let s = self.cfg.dataset.sources.len();
@@ -474,8 +474,8 @@ impl Planner {
         if full <= 0.0 {
             return 0.0;
         }
-        let attention = sepdist_model::attention_flops_per_sample(m, segment);
-        (full - rest + band_split + attention) / full
+        let qkv = sepdist_model::qkv_flops_per_sample(m, segment);
+        (full - rest + band_split + qkv) / full
     }
 
     /// Predicts `setting` per rank.

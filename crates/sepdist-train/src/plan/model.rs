@@ -350,12 +350,13 @@ pub(crate) struct Saved {
     kept: Kept1,
 }
 
-/// `SavedForward`'s tensors (handles in custody); the norms' outputs, q/k/v and the
-/// attention output only when kept.
+/// `SavedForward`'s tensors (handles in custody); the norms' outputs and q/k/v only when
+/// kept.
 struct Kept1 {
     x: Id,
     hn: Option<Id>,
-    attention: Option<(Id, Id)>,
+    qkv: Option<Id>,
+    fo: Id,
     xs: Id,
     hn2: Option<Id>,
     hid: Id,
@@ -418,8 +419,8 @@ fn layer_param_elems(l: &Layer) -> [u64; 8] {
 }
 
 /// `Block::forward_kept` without a graph on the (detached) input `xd` with the detached
-/// parameters `pd`: the saved tensors in custody; the norms' outputs, q/k/v and the attention
-/// output dropped after their use unless `keep`.
+/// parameters `pd`: the saved tensors in custody; the norms' outputs and q/k/v dropped after
+/// their use unless `keep`.
 fn forward_kept(
     t: &mut Tape,
     l: &Layer,
@@ -428,7 +429,10 @@ fn forward_kept(
     pd: &[Id; 8],
     keep_all: bool,
 ) -> Kept1 {
-    let (qkv, fo, hn) = attention_forward(t, l, xd, pd, keep_all);
+    let hn = rms_norm(t, xd, pd[0], l.d);
+    let qkv = qkv_projection(t, l, hn, pd);
+    let hn = keep(t, hn, keep_all);
+    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
     let qkv = keep(t, qkv, keep_all);
     let xs = t.fused(
         Fused::OutProj {
@@ -438,13 +442,6 @@ fn forward_kept(
         l.u,
         l.rows_inner * s.es,
     );
-    let attention = match qkv {
-        Some(qkv) => Some((qkv, t.take(fo))),
-        None => {
-            t.drop_local(fo);
-            None
-        }
-    };
     let hn2 = rms_norm(t, xs, pd[3], l.d);
     let hid = t.fused(
         Fused::Linear { gelu: false },
@@ -456,32 +453,22 @@ fn forward_kept(
     Kept1 {
         x: t.take(xd),
         hn,
-        attention,
+        qkv,
+        fo: t.take(fo),
         xs: t.take(xs),
         hn2,
         hid: t.take(hid),
     }
 }
 
-/// `norm(x)`, the QKV projection and the attention without a graph: `(qkv, fo)` as scope
-/// handles and the norm's output in custody when `keep_norm`, else dropped after its use.
-fn attention_forward(
-    t: &mut Tape,
-    l: &Layer,
-    xd: Id,
-    pd: &[Id; 8],
-    keep_norm: bool,
-) -> (Id, Id, Option<Id>) {
-    let hn = rms_norm(t, xd, pd[0], l.d);
-    let qkv = t.fused(
+/// The fused QKV projection of the norm's output `hn` (a scope handle).
+fn qkv_projection(t: &mut Tape, l: &Layer, hn: Id, pd: &[Id; 8]) -> Id {
+    t.fused(
         Fused::QkvRope,
         &[hn, pd[1]],
         3 * l.rows_inner,
         l.qkv_scratch,
-    );
-    let hn = keep(t, hn, keep_norm);
-    let fo = t.fused(Fused::FlashPacked, &[qkv], l.fo, 0);
-    (qkv, fo, hn)
+    )
 }
 
 /// A scope handle moved into custody when `keep`, else dropped.
@@ -577,9 +564,9 @@ fn ffn_backward(
     (dxs, [dg2, dw1, db1, dw2, db2])
 }
 
-/// `Block::attention_backward`: takes `x`, `hn` and `(qkv, fo)` (each recomputed when
-/// `None`) from custody and the scope handle `dxs`; returns the gradient of `x` (a scope
-/// handle) and three parameter gradients.
+/// `Block::attention_backward`: takes `x`, `hn` and `qkv` (recomputed when `None`) and `fo`
+/// from custody and the scope handle `dxs`; returns the gradient of `x` (a scope handle) and
+/// three parameter gradients.
 #[allow(clippy::too_many_arguments)]
 fn attention_backward(
     t: &mut Tape,
@@ -588,16 +575,19 @@ fn attention_backward(
     pd: &[Id; 8],
     x: Id,
     hn: Option<Id>,
-    attention: Option<(Id, Id)>,
+    qkv: Option<Id>,
+    fo: Id,
     dxs: Id,
 ) -> (Id, [Id; 3]) {
     let es = s.es;
     let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
-    let (qkv, fo) = match attention {
+    let qkv = match qkv {
         Some(kept) => kept,
         None => {
-            let (qkv, fo, _) = attention_forward(t, l, x, pd, false);
-            (t.take(qkv), t.take(fo))
+            let hn = rms_norm(t, x, pd[0], l.d);
+            let qkv = qkv_projection(t, l, hn, pd);
+            t.drop_local(hn);
+            t.take(qkv)
         }
     };
     // out_proj_residual_backward: o gathered for dwo, d_o scattered into dfo.
@@ -649,7 +639,7 @@ fn backward_kept(
     let (dxs, [dg2, dw1, db1, dw2, db2]) =
         ffn_backward(t, l, s, &pd, [kept.xs, kept.hid], kept.hn2, dy);
     let (dx, [dg1, dwqkv, dwo]) =
-        attention_backward(t, l, s, &pd, kept.x, kept.hn, kept.attention, dxs);
+        attention_backward(t, l, s, &pd, kept.x, kept.hn, kept.qkv, kept.fo, dxs);
     for p in params {
         t.release(p);
     }
