@@ -45,13 +45,14 @@ pub fn run(
     let recompute = config.training.gradient_checkpointing;
     let step = r.median_step();
     println!(
-        "{}: {} parameters, global batch {} on {} rank(s) × {} thread(s) on {}, {} timed steps after {} warm-up",
+        "{}: {} parameters, global batch {} on {} rank(s) × {} thread(s) on {} in {}, {} timed steps after {} warm-up",
         args.config.display(),
         r.parameters,
         r.global_batch,
         r.world_size,
         r.threads,
         r.device,
+        r.precision,
         r.step_seconds.len(),
         args.warmup
     );

@@ -181,7 +181,12 @@ pub struct TrainingConfig {
     pub lr_schedule: LrScheduleConfig,
     /// Global gradient-norm clip; `null` disables clipping.
     pub grad_clip: Option<f64>,
+    /// `fp32`, or `bf16`: mixed precision (parameters' copy and activations in bf16; master
+    /// weights, gradients, optimizer state, reduction and loss in fp32).
     pub precision: Precision,
+    /// CUDA: fp32 matmuls on TF32 tensor cores and bf16 matmuls with reduced-precision
+    /// reductions (cuBLAS); no effect on the CPU.
+    pub tf32: bool,
     pub gradient_checkpointing: bool,
     pub seed: u64,
     pub output_dir: PathBuf,
@@ -645,6 +650,7 @@ impl Default for TrainingConfig {
             lr_schedule: LrScheduleConfig::default(),
             grad_clip: Some(5.0),
             precision: Precision::Fp32,
+            tf32: true,
             gradient_checkpointing: false,
             seed: 42,
             output_dir: PathBuf::from("experiments"),

@@ -93,6 +93,21 @@ fn wrong_type_names_file_line_key_and_expected_type() {
 }
 
 #[test]
+fn precision_and_tf32_load_from_the_file_and_set() {
+    let c = load("", &[]).unwrap();
+    assert_eq!(c.training.precision, sepdist_config::Precision::Fp32);
+    assert!(c.training.tf32, "TF32 is on by default");
+    let c = load("training:\n  precision: bf16\n  tf32: false\n", &[]).unwrap();
+    assert_eq!(c.training.precision, sepdist_config::Precision::Bf16);
+    assert!(!c.training.tf32);
+    let c = load("", &["training.tf32=false"]).unwrap();
+    assert!(!c.training.tf32);
+    let e = err("training:\n  tf32: sometimes\n", &[]);
+    assert!(e.starts_with("test.yaml:2:"), "{e}");
+    assert!(e.contains("training.tf32"), "{e}");
+}
+
+#[test]
 fn invalid_yaml_names_the_line() {
     let e = err("training:\n  batch_size: [1, 2\n", &[]);
     assert!(e.starts_with("test.yaml:"), "{e}");

@@ -127,8 +127,10 @@ pub enum AttentionKind {
 /// Per-batch data that is not a function of the parameters.
 #[derive(Debug, Clone)]
 pub struct ForwardContext {
-    /// Mixture STFT `[B, 2, F, T, 2]`: the input of `band_split` and the signal the head masks.
+    /// Mixture STFT `[B, 2, F, T, 2]` in the mixture's dtype: the signal the head masks.
     pub spec: Tensor,
+    /// `spec` in the compute dtype: the input of `band_split` (the same tensor in fp32).
+    input: Tensor,
     /// Output length `N` in samples.
     pub length: usize,
     pub attention: AttentionKind,
@@ -671,7 +673,8 @@ impl Block {
             let xg = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
             let [gamma, w, bias] = slots[g].map(p);
             let xn = norm::rms_norm_groups(&xg, gamma, RMS_EPS)?;
-            outs.push(xn.matmul(w)?.broadcast_add(&bias.unsqueeze(1)?)?); // [n_g, BT, D]
+            // [n_g, BT, D]; the bias' gradient summed in f32 in bf16 on the CPU too.
+            outs.push(ops::bias::add_bias(&xn.matmul(w)?, &bias.unsqueeze(1)?)?);
         }
         let parts = l
             .runs
@@ -1028,14 +1031,16 @@ impl Block {
 /// Complex masking and inverse STFT: `mask` `[B, S, 2, F, T, 2]` times the mixture STFT `spec`
 /// `[B, 2, F, T, 2]` (complex product, (re, im) last), then iSTFT trimmed to `length`:
 /// `[B, S, 2, length]`. One fused op ([`Stft::inverse_masked`]): the graph keeps the mask and
-/// the spectrogram, not the product's partial products.
+/// the spectrogram, not the product's partial products. A mask of another dtype (bf16, mixed
+/// precision) is cast to the spectrogram's first: the masking, the iSTFT and what follows run
+/// in the spectrogram's dtype (f32).
 pub fn apply_mask_istft(
     stft: &Stft,
     mask: &Tensor,
     spec: &Tensor,
     length: usize,
 ) -> Result<Tensor> {
-    Ok(stft.inverse_masked(mask, spec, length)?)
+    Ok(stft.inverse_masked(&mask.to_dtype(spec.dtype())?, spec, length)?)
 }
 
 /// The separator: `band_split`, `n_layers` × (`time`, `band`), `head`.
@@ -1154,6 +1159,20 @@ impl Separator {
         mixture: &Tensor,
         attention: AttentionKind,
     ) -> Result<ForwardContext> {
+        self.prepare_context_in(mixture, attention, mixture.dtype())
+    }
+
+    /// [`Separator::prepare_context_with`] for blocks computing in `compute` (mixed
+    /// precision: bf16 with an f32 mixture). The STFT runs in the mixture's dtype and is cast
+    /// to `compute` for `band_split`; the head masks the mixture's-dtype STFT (its mask cast
+    /// to it), so the iSTFT, the estimate and the loss stay in the mixture's dtype. The RoPE
+    /// tables are in the mixture's dtype too ([`Rope::apply`] rotates in it).
+    pub fn prepare_context_in(
+        &self,
+        mixture: &Tensor,
+        attention: AttentionKind,
+        compute: DType,
+    ) -> Result<ForwardContext> {
         let (_, c, n) = mixture.dims3()?;
         if c != 2 || n <= self.dims.n_fft / 2 {
             return Err(ModelError::Input(format!(
@@ -1167,6 +1186,7 @@ impl Separator {
         let (dev, dt) = (mixture.device(), mixture.dtype());
         let hd = self.dims.head_dim;
         Ok(ForwardContext {
+            input: spec.to_dtype(compute)?,
             spec,
             length: n,
             attention,
@@ -1187,7 +1207,7 @@ impl Separator {
         params: &BTreeMap<String, Tensor>,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
-        let mut x = ctx.spec.clone();
+        let mut x = ctx.first_input().clone();
         for b in &self.blocks {
             x = b.forward(&self.block_params(b, params)?, &x, ctx)?;
         }
@@ -1196,8 +1216,8 @@ impl Separator {
 }
 
 impl ForwardContext {
-    /// Input of the first block (`band_split`): the mixture STFT.
+    /// Input of the first block (`band_split`): the mixture STFT in the compute dtype.
     pub fn first_input(&self) -> &Tensor {
-        &self.spec
+        &self.input
     }
 }

@@ -17,7 +17,7 @@ use crate::optim::{AdamW, AdamWHyper, clip_scale, sum_of_squares};
 use crate::trainer::TrainError;
 use candle_core::DType;
 use sepdist_comm::Communicator;
-use sepdist_config::{Config, Precision};
+use sepdist_config::Config;
 use sepdist_data::{Loader, Sampler, Schedule};
 use sepdist_model::Separator;
 use sepdist_model::loss::SeparationLoss;
@@ -43,6 +43,8 @@ pub struct BenchReport {
     pub peak_rss: usize,
     /// `cpu` or `cuda:N` (`training.device`).
     pub device: String,
+    /// `training.precision`: `fp32` or `bf16` (mixed precision).
+    pub precision: &'static str,
     /// On a GPU: the memory pool's used and reserved high-water marks over the timed steps
     /// and the warm-up (the model's tensors included), bytes.
     pub peak_device: Option<(usize, usize)>,
@@ -91,11 +93,6 @@ pub fn bench(
 ) -> Result<BenchReport, TrainError> {
     let cfg = config;
     let t = &cfg.training;
-    if t.precision == Precision::Bf16 {
-        return Err(TrainError::Setup(
-            "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
-        ));
-    }
     if cfg.distributed.zero_stage != 0 {
         return Err(TrainError::Setup(format!(
             "distributed.zero_stage: {}: sepdist bench times the replicated step (ZeRO 0, one all-reduce of the gradient); set distributed.zero_stage=0, or compare stages with `sepdist train` (metrics.jsonl)",
@@ -135,6 +132,7 @@ pub fn bench(
         }
     })));
     let mut flat = engine.flat_params()?;
+    engine.set_compute_dtype(crate::trainer::compute_dtype(t.precision))?;
     let n = flat.len();
     let mut grads = vec![0.0f32; n];
     let mut adam = AdamW::new(AdamWHyper::from(&t.optimizer), n);
@@ -201,6 +199,7 @@ pub fn bench(
         peak_heap: heap.peak(),
         peak_rss: rss().1,
         device: crate::device::label(engine.device()),
+        precision: crate::plan::precision_name(t.precision),
         peak_device: gpu_memory.map(|g| (g.peak(), g.reserved().1)),
         forward_flops_per_sample: sepdist_model::flops::flops_per_sample(
             &cfg.model,

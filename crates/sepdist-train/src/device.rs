@@ -151,8 +151,15 @@ pub fn spec(device: &Device) -> DeviceSpec {
 }
 
 /// Sets up `device` for training: on CUDA, the pool's release threshold
-/// (`training.cuda_pool_release_threshold`). Nothing on the CPU.
+/// (`training.cuda_pool_release_threshold`) and the matmuls' precision (`training.tf32`).
+/// Nothing on the CPU.
 pub fn configure(device: &Device, t: &TrainingConfig) -> Result<(), TrainError> {
+    if device.is_cuda() {
+        // cuBLAS' compute type of candle's GEMMs, process-wide: TF32 tensor cores for fp32,
+        // reduced-precision reductions for bf16 (candle's defaults are off for both).
+        candle_core::cuda::set_gemm_reduced_precision_f32(t.tf32);
+        candle_core::cuda::set_gemm_reduced_precision_bf16(t.tf32);
+    }
     #[cfg(feature = "cuda")]
     if let Some(pool) = sepdist_comm::cuda_memory::DevicePool::of(device) {
         pool.set_release_threshold(t.cuda_pool_release_threshold.bytes())

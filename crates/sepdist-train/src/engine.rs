@@ -16,12 +16,21 @@
 //!
 //! Parameters live as one `Var` each, in name order, mirrored by a flat fp32 vector laid out
 //! by [`FlatLayout`]; gradients are accumulated straight into a flat buffer.
+//!
+//! Mixed precision ([`Engine::set_compute_dtype`] bf16, PyTorch's `bf16-mixed`): the `Var`s
+//! are a bf16 copy of the fp32 master vector, and the blocks compute in bf16 (the ops run
+//! their norms, softmax and STFTs in f32, see `sepdist_model::ops`); the mixture's STFT, the
+//! masked iSTFT, the estimate and the loss stay fp32. Gradients leave the blocks in bf16 and
+//! are added into the flat fp32 buffer; master weights, optimizer state and the reduction
+//! stay fp32.
 
 use crate::checkpoint::{Fingerprint, HostTensor, ParamInfo};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use sepdist_model::loss::SeparationLoss;
-use sepdist_model::{ModelError, ParamSpec, SavedForward, Separator};
+use sepdist_model::{
+    AttentionKind, ForwardContext, ModelError, ParamSpec, SavedForward, Separator,
+};
 use std::collections::BTreeMap;
 
 /// Offsets of the name-sorted parameters in the flat vector.
@@ -232,9 +241,9 @@ where
             };
             let shape = spec.shape.as_slice();
             params.push(if tracked {
-                Var::from_slice(slice, shape, &engine.device)?.into_inner()
+                engine.compute_var(slice, shape)?.into_inner()
             } else {
-                Tensor::from_slice(slice, shape, &engine.device)?
+                engine.compute_copy(slice, shape)?
             });
             at += n;
         }
@@ -284,6 +293,8 @@ pub struct Engine {
     head_pieces: Vec<Vec<usize>>,
     recompute: bool,
     device: Device,
+    /// The dtype of the parameters' copy and of the blocks' activations (f32, or bf16).
+    compute: DType,
     probe: Option<EngineProbe>,
 }
 
@@ -293,6 +304,7 @@ impl std::fmt::Debug for Engine {
             .field("params", &self.layout.len)
             .field("blocks", &self.block_params.len())
             .field("recompute", &self.recompute)
+            .field("compute", &self.compute)
             .finish()
     }
 }
@@ -371,8 +383,54 @@ impl Engine {
             head_pieces,
             recompute,
             device,
+            compute: DType::F32,
             probe: None,
         })
+    }
+
+    /// Computes in `dtype` from now on: the held parameters become a copy in `dtype` (cast
+    /// from the current one, so call it before training, on fp32 values: [`Engine::new`]'s or
+    /// [`Engine::load_flat`]'s), every later load casts the flat fp32 values to it, and the
+    /// blocks' activations are in it. f32 (the default) or bf16 (mixed precision; see the
+    /// module docs); the loss and the gradients delivered stay fp32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<(), ModelError> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(ModelError::Input(format!(
+                "the engine computes in f32 or bf16, not {dtype:?}"
+            )));
+        }
+        if dtype != self.compute {
+            self.vars = self
+                .vars
+                .iter()
+                .map(|v| Var::from_tensor(&v.as_tensor().to_dtype(dtype)?))
+                .collect::<candle_core::Result<_>>()?;
+            self.compute = dtype;
+        }
+        Ok(())
+    }
+
+    /// The dtype the blocks compute in ([`Engine::set_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// Bytes of the engine's copy of the parameters (none after [`Engine::release_params`]).
+    pub fn param_copy_bytes(&self) -> usize {
+        usize::from(self.holds_params()) * self.layout.len * self.compute.size_in_bytes()
+    }
+
+    /// The tensor of `values` (fp32, of `shape`) on the device, in the compute dtype.
+    fn compute_copy(&self, values: &[f32], shape: &[usize]) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(values, shape, &self.device)?.to_dtype(self.compute)
+    }
+
+    /// [`Engine::compute_copy`] as a variable (in f32 without a second copy).
+    fn compute_var(&self, values: &[f32], shape: &[usize]) -> candle_core::Result<Var> {
+        if self.compute == DType::F32 {
+            return Var::from_slice(values, shape, &self.device);
+        }
+        Var::from_tensor(&self.compute_copy(values, shape)?)
     }
 
     /// Reports the micro-batch's progress to `probe` (memory accounting).
@@ -420,22 +478,24 @@ impl Engine {
         self.recompute = recompute;
     }
 
-    /// The parameters as one flat fp32 vector.
+    /// The parameters as one flat fp32 vector (in bf16 the compute copy's values, rounded:
+    /// take the fp32 master before [`Engine::set_compute_dtype`]).
     pub fn flat_params(&self) -> Result<Vec<f32>, ModelError> {
         self.require_params()?;
         let mut flat = vec![0.0; self.layout.len];
         for (i, v) in self.vars.iter().enumerate() {
-            let data = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let data = host_f32(v.as_tensor())?;
             flat[self.layout.range(i)].copy_from_slice(&data);
         }
         Ok(flat)
     }
 
-    /// Copies a flat vector (at least `layout.len` long) into the parameters.
+    /// Copies a flat vector (at least `layout.len` long) into the parameters, cast to the
+    /// compute dtype.
     pub fn load_flat(&self, flat: &[f32]) -> Result<(), ModelError> {
         self.require_params()?;
         for (i, v) in self.vars.iter().enumerate() {
-            let t = Tensor::from_slice(&flat[self.layout.range(i)], v.shape(), &self.device)?;
+            let t = self.compute_copy(&flat[self.layout.range(i)], v.dims())?;
             v.set(&t)?;
         }
         Ok(())
@@ -485,11 +545,7 @@ impl Engine {
         }
         let mut vars = Vec::with_capacity(self.layout.specs.len());
         for (i, s) in self.layout.specs.iter().enumerate() {
-            vars.push(Var::from_slice(
-                &flat[self.layout.range(i)],
-                s.shape.as_slice(),
-                &self.device,
-            )?);
+            vars.push(self.compute_var(&flat[self.layout.range(i)], s.shape.as_slice())?);
         }
         self.vars = vars;
         Ok(())
@@ -515,6 +571,12 @@ impl Engine {
                 if tracked { t.clone() } else { t.detach() }
             })
             .collect())
+    }
+
+    /// The forward context of `mixture` (FlashAttention) for the compute dtype.
+    fn context(&self, mixture: &Tensor) -> Result<ForwardContext, ModelError> {
+        self.separator
+            .prepare_context_in(mixture, AttentionKind::Flash, self.compute)
     }
 
     /// Forward and backward of one micro-batch (`mixture [B, 2, N]`, `target [B, S, 2, N]`),
@@ -570,7 +632,7 @@ impl Engine {
         access: &mut impl Access<E>,
     ) -> Result<LossValues, E> {
         self.mark(EngineEvent::ForwardStart);
-        let ctx = self.separator.prepare_context(mixture)?;
+        let ctx = self.context(mixture)?;
         let blocks = self.separator.blocks();
         let last = blocks.len() - 1;
         // Forward through every block but the head. Keeping: block i's input Var and its
@@ -791,7 +853,7 @@ impl Engine {
 
     /// The separated sources `[B, S, 2, N]` of `mixture`, untracked.
     pub fn separate(&self, mixture: &Tensor) -> Result<Tensor, ModelError> {
-        let ctx = self.separator.prepare_context(mixture)?;
+        let ctx = self.context(mixture)?;
         let mut x = ctx.first_input().clone();
         for (i, block) in self.separator.blocks().iter().enumerate() {
             x = block.forward(&self.whole_block(i)?, &x, &ctx)?;

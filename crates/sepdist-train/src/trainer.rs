@@ -181,6 +181,8 @@ struct StepRecord<'a> {
     /// What the `mem_*` figures measure: `cpu` (heap and resident set) or `cuda:N` (the GPU's
     /// memory pool: used and reserved bytes).
     device: &'a str,
+    /// `training.precision`: `fp32` or `bf16` (mixed: the model computes in bf16).
+    precision: &'a str,
     /// Per-phase peaks and activation levels of this step.
     #[serde(flatten)]
     memory_phases: crate::memory::StepMemory,
@@ -236,6 +238,25 @@ fn ema_update(ema: &mut [f32], weights: &[f32], momentum: f64) {
     }
 }
 
+/// The dtype the engine computes in for `precision` (bf16: mixed precision, the master
+/// weights stay fp32).
+pub(crate) fn compute_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// The start line's precision: `fp32` (`fp32 with TF32 matmuls` on CUDA unless
+/// `training.tf32: false`) or `bf16-mixed (fp32 master weights)`.
+fn precision_label(t: &sepdist_config::TrainingConfig, device: &candle_core::Device) -> String {
+    match t.precision {
+        Precision::Fp32 if t.tf32 && device.is_cuda() => "fp32 with TF32 matmuls".into(),
+        Precision::Fp32 => "fp32".into(),
+        Precision::Bf16 => "bf16-mixed (fp32 master weights)".into(),
+    }
+}
+
 /// Opens the dataset on every rank; rank 0 first, since it generates a missing synthetic one.
 pub(crate) fn open_dataset(cfg: &Config, comm: &dyn Communicator) -> Result<Musdb, TrainError> {
     if comm.rank() == 0 {
@@ -281,12 +302,6 @@ pub fn train(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Trai
 fn train_rank(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, TrainError> {
     let cfg = req.config.clone();
     let t = &cfg.training;
-    // Settings this build cannot honour are refused, never silently replaced.
-    if t.precision == Precision::Bf16 {
-        return Err(TrainError::Setup(
-            "training.precision: bf16 needs a CUDA device, which this build does not support yet; use fp32".into(),
-        ));
-    }
     // The GPU of this rank's local rank (NCCL's backend opened the same one), or the CPU.
     let device = crate::device::open(t, comm)?;
     // Before anything of the model's size exists: refuse, or refit, a config that does not fit.
@@ -335,7 +350,9 @@ fn train_rank(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Tra
         )));
     }
 
+    // The fp32 master copy, then the engine's compute copy of it (bf16: mixed precision).
     let mut flat = engine.flat_params()?;
+    engine.set_compute_dtype(compute_dtype(t.precision))?;
     let n = flat.len();
     let padded = n.div_ceil(world) * world;
     flat.reserve_exact(padded - n); // no amortised doubling of the master copy
@@ -456,9 +473,7 @@ impl Trainer<'_> {
         let left = (total * acc).saturating_sub(index * acc + 1);
         let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
         crate::memory::KnownBuffers {
-            parameters: (usize::from(self.engine.holds_params()) * self.engine.layout().len
-                + self.flat.capacity())
-                * f32s,
+            parameters: self.engine.param_copy_bytes() + self.flat.capacity() * f32s,
             gradients: (self.grads.capacity() + self.grad_shard.capacity()) * f32s,
             optimizer: (self.adam.exp_avg.capacity()
                 + self.adam.exp_avg_sq.capacity()
@@ -520,11 +535,12 @@ impl Trainer<'_> {
             None
         };
         self.say(&format!(
-            "training {n} parameters on {device} for {total_steps} optimizer steps ({steps_per_epoch} per epoch, effective batch {} = {} × {} × {} ranks) from step {step}",
+            "training {n} parameters on {device} for {total_steps} optimizer steps ({steps_per_epoch} per epoch, effective batch {} = {} × {} × {} ranks) from step {step}, precision {}",
             self.schedule.global_batch(),
             t.batch_size,
             t.gradient_accumulation_steps,
             self.comm.world_size(),
+            precision_label(t, self.engine.device()),
             device = crate::device::label(self.engine.device()),
         ));
         let mut loader = Loader::new(
@@ -546,6 +562,7 @@ impl Trainer<'_> {
         }
         let mut last_saved = None;
         let device_label = crate::device::label(self.engine.device());
+        let precision = crate::plan::precision_name(t.precision);
         while step < total_steps {
             // The hook stops exactly after `stop_after_steps` steps: its flag joins the
             // reduction of the step that completes them.
@@ -609,6 +626,7 @@ impl Trainer<'_> {
                         mem_reserved: memory.reserved,
                         mem_peak_reserved: memory.peak_reserved,
                         device: &device_label,
+                        precision,
                         memory_phases,
                     })
                     .map_err(io(&t.output_dir))?;

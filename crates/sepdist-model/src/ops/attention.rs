@@ -12,11 +12,11 @@
 //! ([`FlashAttnBwd`]) so a `cuda_fwd` can slot into both.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Error, Layout, Result};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result};
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Real, cast, contiguous_slice, unsupported_dtype};
+use super::cpu::{Real, cast, contiguous_slice, is_half, kernel_takes, unsupported_dtype};
 use super::softmax::softmax_last_dim;
 use realfft::num_traits::Float;
 
@@ -28,12 +28,12 @@ const BLOCK_K: usize = 64;
 /// Softmax attention `softmax(scale · q kᵀ) v` with memory linear in `T`.
 ///
 /// `q`, `k`, `v`: `[B, H, T, Dh]` with the same shape and dtype; returns `[B, H, T, Dh]`.
-/// Differentiable in `q`, `k` and `v`. CPU kernels for f32 and f64; on other devices (no
-/// kernel yet) it falls back to [`reference_attention`], which is correct but quadratic in
-/// memory.
+/// Differentiable in `q`, `k` and `v`. CPU kernels for f32 and f64; on other devices and
+/// dtypes (no kernel yet) it falls back to [`reference_attention`], which is correct but
+/// quadratic in memory.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, _, _, d) = check_qkv(q, k, v, scale)?;
-    if !matches!(q.device(), Device::Cpu) {
+    if !kernel_takes(&[q]) {
         return reference_attention(q, k, v, scale);
     }
     let out = q
@@ -46,7 +46,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 /// [`super::attn_proj::qkv_rope`] makes them), returning the output ‖ log-sum-exp
 /// `[B, H, T, Dh + 1]` (the first `Dh` columns are the attention output). The backward returns
 /// the packed (dq, dk, dv) as the gradient of the one input, with no per-part copies. On other
-/// devices: the reference attention and the log-sum-exp of its scores.
+/// devices and dtypes: the reference attention and the log-sum-exp of its scores.
 pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     let (three, b, h, t, d) = qkv.dims5()?;
     if three != 3 {
@@ -57,10 +57,10 @@ pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     }
     let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
     check_qkv(&q, &k, &v, scale)?;
-    if !matches!(qkv.device(), Device::Cpu) {
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let out = softmax_last_dim(&scores)?.matmul(&v.contiguous()?)?;
-        let lse = super::softmax::logsumexp_last_dim(&scores)?;
+    if !kernel_takes(&[qkv]) {
+        let scores = scores(&q, &k, scale)?;
+        let out = probabilities(&scores, v.dtype())?.matmul(&v.contiguous()?)?;
+        let lse = super::softmax::logsumexp_last_dim(&scores)?.to_dtype(v.dtype())?;
         return Tensor::cat(&[&out, &lse], 3);
     }
     let out = qkv.contiguous()?.apply_op1(FlashAttnPacked { scale })?;
@@ -88,11 +88,27 @@ pub fn flash_attention_packed_backward(
 }
 
 /// The plain composition `softmax(scale · q kᵀ) v` (materialises the scores); for tests and
-/// benchmarks. Same shapes as [`flash_attention`].
+/// benchmarks. Same shapes as [`flash_attention`]. With 16-bit q, k, v the scores and the
+/// softmax are f32 (as in FlashAttention's kernels: bf16 scores would round a logit of 10 by
+/// 0.03) and the probabilities meet `v` in its dtype.
 pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     check_qkv(q, k, v, scale)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    probabilities(&scores(q, k, scale)?, v.dtype())?.matmul(&v.contiguous()?)
+}
+
+/// `scale · q kᵀ`, in f32 for 16-bit q and k.
+fn scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let (q, k) = if is_half(q.dtype()) {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale
+}
+
+/// The softmax of `scores` in `dtype` (v's).
+fn probabilities(scores: &Tensor, dtype: DType) -> Result<Tensor> {
+    softmax_last_dim(scores)?.to_dtype(dtype)
 }
 
 fn check_qkv(
@@ -657,7 +673,7 @@ impl<T: Real> Rows<'_, T> {
 mod tests {
     use super::*;
     use crate::ops::softmax::logsumexp_last_dim;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     /// The lse column is exact and its gradient (unused by the public wrapper) is handled.
     #[test]

@@ -9,10 +9,12 @@
 
 use candle_core::Tensor;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Error, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::cpu::{Real, contiguous_offset, map_tensor, matmul_cpu, unsupported_dtype};
+use super::cpu::{
+    Real, contiguous_offset, kernel_takes, map_tensor, matmul_cpu, unsupported_dtype,
+};
 use super::rope::Rope;
 
 /// How the rows of an activation `[rows, D]` form attention sequences: rows are ordered
@@ -98,7 +100,7 @@ pub fn qkv_rope(
             rope.max_len()
         )));
     }
-    if !matches!(hn.device(), Device::Cpu) || hn.dtype() != w.dtype() {
+    if !kernel_takes(&[hn, w, rope.tables().0]) {
         return qkv_rope_composed(hn, w, rope, seq, heads);
     }
     let op = QkvRope::new(rope, seq, heads)?;
@@ -152,7 +154,7 @@ pub fn out_proj_residual(
         )));
     }
     check_rows("out_proj_residual", x, seq, d)?;
-    if !matches!(x.device(), Device::Cpu) || fo.dtype() != x.dtype() || wo.dtype() != x.dtype() {
+    if !kernel_takes(&[x, fo, wo]) {
         return out_proj_residual_composed(fo, wo, x, seq, head_dim);
     }
     let op = OutProj::new(fo, wo, seq, head_dim)?;

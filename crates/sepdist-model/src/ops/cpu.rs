@@ -101,3 +101,32 @@ pub(crate) fn map_tensor<S: Into<candle_core::Shape>>(
         dt => Err(unsupported_dtype(op, dt)),
     }
 }
+
+/// Whether the CPU kernels of the fused ops take `ts`: all on the CPU, in f32 or f64, of one
+/// dtype. Anything else (another device, bf16, mixed dtypes) takes the op's composed twin.
+pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    let dtype = first.dtype();
+    matches!(dtype, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// Whether `dtype` is a 16-bit float: its composed ops run their reductions in f32, as
+/// PyTorch's autocast does (candle's CPU sums accumulate in the tensor's dtype).
+pub(crate) fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// `f` of `x` computed in f32 when `x` is a 16-bit float (the result cast back to its dtype,
+/// differentiably), else `f(x)` as it is: bitwise the same for f32 and f64.
+pub(crate) fn in_f32(
+    x: &candle_core::Tensor,
+    f: impl FnOnce(&candle_core::Tensor) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    if !is_half(x.dtype()) {
+        return f(x);
+    }
+    f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}

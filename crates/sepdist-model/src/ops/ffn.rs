@@ -7,11 +7,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{GeluErf, UnaryOpT};
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::unsupported_dtype;
-use super::cpu::{Real, contiguous_offset, contiguous_slice, map_tensor, matmul_cpu};
+use super::cpu::{Real, contiguous_offset, contiguous_slice, kernel_takes, map_tensor, matmul_cpu};
 
 /// `x · wᵀ + b`: `x` `[.., Din]`, `w` `[Dout, Din]` (PyTorch's out × in), `b` `[Dout]`;
 /// returns `[.., Dout]`. Differentiable in all three.
@@ -32,10 +32,8 @@ pub fn linear_bias_composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor
     if let Some(last) = shape.last_mut() {
         *last = dout;
     }
-    x.reshape((rows, din))?
-        .matmul(&w.t()?)?
-        .broadcast_add(b)?
-        .reshape(shape)
+    let y = x.reshape((rows, din))?.matmul(&w.t()?)?;
+    super::bias::add_bias(&y, b)?.reshape(shape)
 }
 
 /// [`gelu_linear_bias`] composed from candle ops.
@@ -102,8 +100,7 @@ fn dims(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
 
 fn fused(x: &Tensor, w: &Tensor, b: &Tensor, gelu: bool) -> Result<Tensor> {
     let (rows, din, dout) = dims(x, w, b)?;
-    let same_dtype = w.dtype() == x.dtype() && b.dtype() == x.dtype();
-    if !matches!(x.device(), Device::Cpu) || !same_dtype {
+    if !kernel_takes(&[x, w, b]) {
         return if gelu {
             gelu_linear_bias_composed(x, w, b)
         } else {

@@ -7,10 +7,10 @@
 //! `1 − y²` of the output).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Real, contiguous_offset, contiguous_slice, unsupported_dtype};
+use super::cpu::{Real, contiguous_offset, contiguous_slice, kernel_takes, unsupported_dtype};
 
 /// Rows per work item of the bias and activation pass.
 const ROWS: usize = 64;
@@ -20,8 +20,7 @@ const ROWS: usize = 64;
 /// Differentiable in all three. One op on the CPU (f32, f64), the composition elsewhere.
 pub fn grouped_linear(x: &Tensor, w: &Tensor, b: &Tensor, tanh: bool) -> Result<Tensor> {
     let (g, r, i, o) = dims(x, w, b)?;
-    let same_dtype = w.dtype() == x.dtype() && b.dtype() == x.dtype();
-    if !matches!(x.device(), Device::Cpu) || !same_dtype {
+    if !kernel_takes(&[x, w, b]) {
         return grouped_linear_composed(x, w, b, tanh);
     }
     let op = GroupedLinear {
@@ -38,7 +37,7 @@ pub fn grouped_linear(x: &Tensor, w: &Tensor, b: &Tensor, tanh: bool) -> Result<
 /// [`grouped_linear`] composed from candle ops (as the mask estimators wrote it).
 pub fn grouped_linear_composed(x: &Tensor, w: &Tensor, b: &Tensor, tanh: bool) -> Result<Tensor> {
     dims(x, w, b)?;
-    let y = x.matmul(w)?.broadcast_add(&b.unsqueeze(1)?)?;
+    let y = super::bias::add_bias(&x.matmul(w)?, &b.unsqueeze(1)?)?;
     if tanh { y.tanh() } else { Ok(y) }
 }
 

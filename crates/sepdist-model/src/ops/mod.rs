@@ -11,10 +11,17 @@
 //! GLU, the iSTFT of a masked spectrogram, the loss' multi-resolution STFT L1) exist for
 //! memory: candle keeps every op's inputs for the backward, so a composition keeps each
 //! intermediate; a fused op keeps only its inputs and output. Each has a `*_composed` twin of candle ops: the reference of its
-//! tests and the path on devices without a kernel.
+//! tests and the path on devices and dtypes without a kernel (bf16 on the CPU too).
+//!
+//! bf16 (mixed precision) follows PyTorch's autocast: matmuls and elementwise ops run in bf16,
+//! while RMSNorm, softmax and log-sum-exp, the STFTs and the loss' STFT L1 compute in f32 and
+//! cast their result back (candle's CPU sums accumulate in the tensor's dtype, so the composed
+//! linear layers' bias gradients are summed in f32 too). f32 and f64 take exactly the paths
+//! they took before.
 
 pub mod attention;
 pub mod attn_proj;
+pub(crate) mod bias;
 mod cpu;
 pub mod ffn;
 pub mod glu;

@@ -7,19 +7,19 @@
 //! its input and output, and its backward (one kernel) returns `dx` and `dγ` in one buffer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Device, Error, Layout, Result};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Error, Layout, Result};
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Real, cast, contiguous_slice, unsupported_dtype};
+use super::cpu::{Real, cast, contiguous_slice, is_half, kernel_takes, unsupported_dtype};
 
 /// Rows per work item of the kernels (and per partial sum of `dγ`, so the sums do not depend
 /// on the thread count).
 const ROWS: usize = 64;
 
 /// `x / sqrt(mean(x², last dim) + eps) · gamma`, with `gamma` of shape `[D]` where `D` is the
-/// last dimension of `x`. Differentiable in `x` and `gamma`. A fused op on the CPU, the
-/// composition ([`rms_norm_composed`]) elsewhere.
+/// last dimension of `x`. Differentiable in `x` and `gamma`. A fused op on the CPU in f32 and
+/// f64, the composition ([`rms_norm_composed`]) elsewhere.
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if gamma.dims() != [d] {
@@ -30,7 +30,9 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
         )));
     }
     check_eps(eps)?;
-    fused(x, gamma, 1, eps, || rms_norm_composed(x, gamma, eps))
+    fused(x, gamma, 1, eps, |x, gamma| {
+        rms_norm_composed(x, gamma, eps)
+    })
 }
 
 /// RMSNorm of `G` groups of rows with a gain per group: `x` `[G, M, D]`, `gamma` `[G, D]`;
@@ -45,15 +47,20 @@ pub fn rms_norm_groups(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
         )));
     }
     check_eps(eps)?;
-    fused(x, gamma, g, eps, || {
+    fused(x, gamma, g, eps, |x, gamma| {
         let ones = Tensor::ones(d, x.dtype(), x.device())?;
         rms_norm_composed(x, &ones, eps)?.broadcast_mul(&gamma.unsqueeze(1)?)
     })
 }
 
 /// The composition of basic candle ops (each with a backward): the reference of the tests and
-/// the path on devices without a kernel.
+/// the path on devices and dtypes without a kernel. A 16-bit `x` is normalised in f32 (the
+/// mean of squares would accumulate in bf16 on the CPU) and the result cast back.
 pub fn rms_norm_composed(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        let (xf, gf) = (x.to_dtype(DType::F32)?, gamma.to_dtype(DType::F32)?);
+        return rms_norm_composed(&xf, &gf, eps)?.to_dtype(x.dtype());
+    }
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv_rms)?.broadcast_mul(gamma)
@@ -69,15 +76,21 @@ fn check_eps(eps: f64) -> Result<()> {
     }
 }
 
+/// The fused op where a kernel takes `x` and `gamma`, else `composed(x, gamma)`. A 16-bit `x`
+/// is normalised in f32 (the mean of squares and the gain's gradient sum), then cast back.
 fn fused(
     x: &Tensor,
     gamma: &Tensor,
     groups: usize,
     eps: f64,
-    composed: impl FnOnce() -> Result<Tensor>,
+    composed: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != gamma.dtype() || x.elem_count() == 0 {
-        return composed();
+    if is_half(x.dtype()) {
+        let (xf, gf) = (x.to_dtype(DType::F32)?, gamma.to_dtype(DType::F32)?);
+        return fused(&xf, &gf, groups, eps, composed)?.to_dtype(x.dtype());
+    }
+    if !kernel_takes(&[x, gamma]) || x.elem_count() == 0 {
+        return composed(x, gamma);
     }
     x.contiguous()?
         .apply_op2(&gamma.contiguous()?, RmsNorm { eps, groups })

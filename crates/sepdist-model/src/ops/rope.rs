@@ -77,8 +77,15 @@ impl Rope {
     }
 
     /// Rotates `x` of shape `[B, H, T, Dh]` (`T ≤ max_len`, `Dh = head_dim`); position of
-    /// row `t` is `t`. Differentiable.
+    /// row `t` is `t`. Differentiable. An `x` of another dtype than the tables (bf16 with f32
+    /// tables) is rotated in the tables' dtype and cast back, as PyTorch's rotary embedding
+    /// does under autocast.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != self.cos.dtype() {
+            return self
+                .apply(&x.to_dtype(self.cos.dtype())?)?
+                .to_dtype(x.dtype());
+        }
         let (b, h, t, d) = x.dims4()?;
         if d != self.head_dim {
             return Err(Error::Msg(format!(

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
-use super::cpu::{Real, cast, contiguous_slice, unsupported_dtype};
+use super::cpu::{Real, cast, contiguous_slice, is_half, kernel_takes, unsupported_dtype};
 
 /// Smallest overlap-added squared window accepted by the iSTFT (torch uses the same bound).
 const ENVELOPE_MIN: f64 = 1e-11;
@@ -142,6 +142,8 @@ impl Stft {
     /// masks of each item; returns `[B, S, ..., length]`. Differentiable in both. One op on the
     /// CPU, so that the graph keeps the mask and the spectrogram but not the product's four
     /// partial products, its two halves and their concatenation ([`inverse_masked_composed`]).
+    /// With a 16-bit mask or spectrogram both are taken to f32 (product and iSTFT in f32) and
+    /// the result is in the spectrogram's dtype.
     pub fn inverse_masked(&self, mask: &Tensor, spec: &Tensor, length: usize) -> Result<Tensor> {
         let (md, sd) = (mask.dims(), spec.dims());
         let r = md.len();
@@ -157,7 +159,11 @@ impl Stft {
                 self.n_bins()
             )));
         }
-        if !mask.device().is_cpu() || mask.dtype() != spec.dtype() {
+        if is_half(mask.dtype()) || is_half(spec.dtype()) {
+            let (m, s) = (mask.to_dtype(DType::F32)?, spec.to_dtype(DType::F32)?);
+            return self.inverse_masked(&m, &s, length)?.to_dtype(spec.dtype());
+        }
+        if !kernel_takes(&[mask, spec]) {
             return inverse_masked_composed(self, mask, spec, length);
         }
         let op = MaskedIstft {
@@ -396,8 +402,13 @@ fn conj_product_sum<T: Real>(g: &[T], m: &[T], s: usize, per: usize) -> Vec<T> {
 }
 
 /// Applies `op`; tensors on another device make a (differentiable) round trip through the CPU
-/// until [`SpecOp`] has a `cuda_fwd`: slow, but training on a GPU then works.
+/// until [`SpecOp`] has a `cuda_fwd`: slow, but training on a GPU then works. A 16-bit `x` is
+/// transformed in f32 and the result cast back (the kernels are f32 and f64; an FFT in bf16
+/// would lose the small bins).
 fn apply_on_cpu(x: &Tensor, op: SpecOp) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        return apply_on_cpu(&x.to_dtype(DType::F32)?, op)?.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() {
         return x.contiguous()?.apply_op1(op);
     }

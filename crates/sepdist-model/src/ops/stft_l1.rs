@@ -16,18 +16,24 @@ use rayon::prelude::*;
 use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
-use super::cpu::{Real, cast, contiguous_slice, map_tensor, unsupported_dtype};
+use super::cpu::{
+    Real, cast, contiguous_slice, in_f32, is_half, kernel_takes, map_tensor, unsupported_dtype,
+};
 use super::stft::{Geometry, Stft, fft_error, overlap_add, reflect, window_as};
 
 /// `Σ_r mean |STFT_r(x)|` of `x` `[..., N]` over the resolutions `stfts`: a scalar,
 /// differentiable in `x`; zero without resolutions. Each resolution needs `N > n_fft/2`
-/// (reflect padding). One op on the CPU (f32, f64), the composition elsewhere.
+/// (reflect padding). One op on the CPU (f32, f64), the composition elsewhere; a 16-bit `x`
+/// is scored in f32 (the loss' sums), the result cast back.
 pub fn multi_stft_l1(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
     let n = check(x, stfts)?;
     if stfts.is_empty() {
         return Tensor::zeros((), x.dtype(), x.device());
     }
-    if !x.device().is_cpu() {
+    if is_half(x.dtype()) {
+        return in_f32(x, |x| multi_stft_l1(x, stfts));
+    }
+    if !kernel_takes(&[x]) {
         return multi_stft_l1_composed(x, stfts);
     }
     let geoms = stfts
@@ -41,6 +47,9 @@ pub fn multi_stft_l1(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
 /// spectrogram, its absolute value and their mean.
 pub fn multi_stft_l1_composed(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
     check(x, stfts)?;
+    if is_half(x.dtype()) {
+        return in_f32(x, |x| multi_stft_l1_composed(x, stfts));
+    }
     let mut total = Tensor::zeros((), x.dtype(), x.device())?;
     for stft in stfts {
         total = (total + stft.forward(x)?.abs()?.mean_all()?)?;

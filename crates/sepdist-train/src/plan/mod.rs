@@ -342,7 +342,9 @@ pub struct Prediction {
     pub compute_s: f64,
     pub comm_bytes: f64,
     pub comm_s: f64,
-    /// False when the setting needs something this build does not have (bf16: CUDA training).
+    /// False when the prediction is not of the path this build runs: bf16 is predicted from
+    /// its design (fused bf16 kernels and memory-lean attention, as fp32 has on the CPU);
+    /// this build runs bf16 through composed ops and needs several times more.
     pub implemented: bool,
 }
 
@@ -643,7 +645,8 @@ impl Planner {
             }
         };
         let comm_s = comm_bytes / self.device.link_bytes_per_s;
-        // bf16 needs CUDA training, which this build does not have on any device.
+        // bf16 runs through composed candle ops (no fused bf16 kernels, attention scores
+        // materialised), which this replay does not model.
         let implemented = !bf16;
         Prediction {
             setting: setting.clone(),

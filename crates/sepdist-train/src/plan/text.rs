@@ -4,7 +4,8 @@
 use super::{Planner, Prediction, Setting, format_bytes};
 use std::fmt::Write as _;
 
-/// `*` after a setting this build cannot run (predicted from the design).
+/// `*` after a setting whose prediction is of its design, not of the path this build runs
+/// (bf16).
 pub fn note(p: &Prediction) -> &'static str {
     if p.implemented { "" } else { "*" }
 }
