@@ -269,6 +269,34 @@ pub(crate) fn open_dataset(cfg: &Config, comm: &dyn Communicator) -> Result<Musd
     }
 }
 
+/// Every rank's outcome of a set-up step that can fail on some ranks only (a GPU that does
+/// not open, a dataset missing on one node): one exchange, so that every rank stops at once
+/// instead of the others waiting in the next collective until its deadline. A failing rank
+/// keeps its own error; the others stop with one naming the first failing rank.
+fn agree<T>(
+    comm: &dyn Communicator,
+    what: &str,
+    result: Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    // Empty: ok; else the error's message behind a marker byte (never empty).
+    let mine = match &result {
+        Ok(_) => Vec::new(),
+        Err(e) => std::iter::once(b'!')
+            .chain(e.to_string().into_bytes())
+            .collect(),
+    };
+    let all = comm.all_gather_bytes(&mine)?;
+    if result.is_ok() {
+        if let Some((rank, message)) = all.iter().enumerate().find(|(_, m)| !m.is_empty()) {
+            return Err(TrainError::Setup(format!(
+                "rank {rank} failed {what}: {}",
+                String::from_utf8_lossy(&message[1..])
+            )));
+        }
+    }
+    result
+}
+
 /// Bytes every rank must agree on before training: the parameter fingerprint and the
 /// resolved config.
 fn agreement_bytes(fingerprint: &Fingerprint, cfg: &Config) -> Vec<u8> {
@@ -303,7 +331,7 @@ fn train_rank(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Tra
     let cfg = req.config.clone();
     let t = &cfg.training;
     // The GPU of this rank's local rank (NCCL's backend opened the same one), or the CPU.
-    let device = crate::device::open(t, comm)?;
+    let device = agree(comm, "to open its device", crate::device::open(t, comm))?;
     // Before anything of the model's size exists: refuse, or refit, a config that does not fit.
     let cfg = crate::oom::preflight(
         cfg,
@@ -313,7 +341,7 @@ fn train_rank(req: TrainRequest, comm: &dyn Communicator) -> Result<Outcome, Tra
     )?;
     let t = &cfg.training;
     let (rank, world) = (comm.rank(), comm.world_size());
-    let data = open_dataset(&cfg, comm)?;
+    let data = agree(comm, "to open the dataset", open_dataset(&cfg, comm))?;
     let sampler = Arc::new(Sampler::from_config(&data, &cfg)?);
     let schedule = Schedule::from_config(&cfg, world)?;
     let steps_per_epoch = schedule.steps_per_epoch();
@@ -1532,5 +1560,39 @@ impl Trainer<'_> {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sepdist_comm::Threads;
+    use std::time::Duration;
+
+    #[test]
+    fn a_set_up_failure_on_one_rank_stops_every_rank_at_once() {
+        let out = Threads::run(3, Duration::from_secs(10), |comm| {
+            let mine = if comm.rank() == 1 {
+                Err(TrainError::Setup("no dataset at /data/node7".into()))
+            } else {
+                Ok(comm.rank())
+            };
+            agree(&comm, "to open the dataset", mine).map_err(|e| e.to_string())
+        });
+        // The failing rank keeps its own error; the others name it, without waiting.
+        assert_eq!(out[1], Err("no dataset at /data/node7".into()));
+        for r in [0, 2] {
+            let Err(err) = &out[r] else {
+                panic!("rank {r} must stop too");
+            };
+            assert!(
+                err.contains("rank 1 failed to open the dataset: no dataset at /data/node7"),
+                "{err}"
+            );
+        }
+        let ok = Threads::run(3, Duration::from_secs(10), |comm| {
+            agree(&comm, "to open its device", Ok(comm.rank())).map_err(|e| e.to_string())
+        });
+        assert_eq!(ok, vec![Ok(0), Ok(1), Ok(2)]);
     }
 }
