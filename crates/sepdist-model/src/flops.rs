@@ -68,7 +68,7 @@ pub fn flops_per_sample(cfg: &ModelConfig, n_sources: usize, segment_length: usi
     // A transformer over `seqs` sequences of length `len`, FFN width `hid`.
     let transformer = |seqs: f64, len: f64, hid: f64| {
         let tokens = seqs * len;
-        2.0 * tokens * d * 3.0 * inner
+        qkv_projection(tokens, d, inner)
             + 2.0 * 2.0 * seqs * h * len * len * dh
             + 2.0 * tokens * inner * d
             + 2.0 * tokens * 2.0 * d * hid
@@ -93,5 +93,10 @@ pub fn qkv_flops_per_sample(cfg: &ModelConfig, segment_length: usize) -> f64 {
     let d = cfg.emb_dim as f64;
     let inner = (cfg.n_heads.max(1) * (cfg.emb_dim / cfg.n_heads.max(1))) as f64;
     // Both transformers of a layer see every (frame, band) token once.
-    cfg.n_layers as f64 * 2.0 * (2.0 * k * t * d * 3.0 * inner)
+    cfg.n_layers as f64 * 2.0 * qkv_projection(k * t, d, inner)
+}
+
+/// `2·MACs` of the QKV projection of `tokens` rows of width `d` to `3·inner`.
+fn qkv_projection(tokens: f64, d: f64, inner: f64) -> f64 {
+    2.0 * tokens * d * 3.0 * inner
 }

@@ -651,27 +651,11 @@ impl Block {
                 x.dims()
             )));
         }
-        let bt = b * t;
-        // (bin, channel, re/im) features per frame.
-        let feats = x
-            .permute((0, 3, 2, 1, 4))?
-            .contiguous()?
-            .reshape((bt, 4 * f))?;
+        let feats = frame_features(x)?;
         let mut outs = Vec::with_capacity(l.groups.len());
-        for (g, grp) in l.groups.iter().enumerate() {
-            let di = grp.dim_in();
-            let parts = l
-                .runs
-                .iter()
-                .filter(|r| r.group == g)
-                .map(|r| {
-                    feats
-                        .narrow(1, 4 * r.bin, r.len * di)?
-                        .reshape((bt, r.len, di))
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let xg = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
-            let [gamma, w, bias] = slots[g].map(p);
+        for (g, slot) in slots.iter().enumerate() {
+            let xg = self.group_features(&feats, g)?; // [n_g, BT, d_g]
+            let [gamma, w, bias] = slot.map(p);
             let xn = norm::rms_norm_groups(&xg, gamma, RMS_EPS)?;
             // [n_g, BT, D]; the bias' gradient summed in f32 in bf16 on the CPU too.
             outs.push(ops::bias::add_bias(&xn.matmul(w)?, &bias.unsqueeze(1)?)?);
@@ -748,6 +732,24 @@ impl Block {
         (0..l.groups.len())
             .map(|g| self.group_rows(&xk, g))
             .collect()
+    }
+
+    /// Group `g`'s bands of the frame features `feats` `[BT, 4F]` ([`frame_features`]), in
+    /// member order: `[n_g, BT, d_g]`.
+    fn group_features(&self, feats: &Tensor, g: usize) -> Result<Tensor> {
+        let l = &self.dims.layout;
+        let (bt, di) = (feats.dim(0)?, l.groups[g].dim_in());
+        let parts = l
+            .runs
+            .iter()
+            .filter(|r| r.group == g)
+            .map(|r| {
+                feats
+                    .narrow(1, 4 * r.bin, r.len * di)?
+                    .reshape((bt, r.len, di))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?)
     }
 
     /// Group `g`'s bands of `xk` `[K, BT, D]` (any layout), in member order: `[n_g, BT, D]`.
@@ -964,11 +966,7 @@ impl Block {
             )));
         }
         // The mask's gradient per frame in the band features' (bin, channel, re/im) order.
-        let dm = dmask
-            .squeeze(1)?
-            .permute((0, 3, 2, 1, 4))?
-            .contiguous()?
-            .reshape((bt, 4 * f))?;
+        let dm = frame_features(&dmask.squeeze(1)?)?;
         drop(dmask);
         let x = x.detach();
         let xk = x.reshape((bt, k, d))?.transpose(0, 1)?;
@@ -978,15 +976,7 @@ impl Block {
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         for (g, (group_layers, mut outs)) in layers.iter().zip(saved.outputs).enumerate() {
             let di = l.groups[g].dim_in();
-            let runs = || l.runs.iter().filter(move |r| r.group == g);
-            let parts = runs()
-                .map(|r| {
-                    dm.narrow(1, 4 * r.bin, r.len * di)?
-                        .reshape((bt, r.len, di))
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let dglu = Tensor::cat(&parts, 1)?.transpose(0, 1)?.contiguous()?; // [n_g, BT, d_g]
-            drop(parts);
+            let dglu = self.group_features(&dm, g)?; // [n_g, BT, d_g]
             let mut dh = match outs.last() {
                 Some(h) => ops::glu::glu_tanh_backward(h, &dglu, di)?,
                 None => return Err(ModelError::Input("head backward: no saved layer".into())),
@@ -1006,7 +996,7 @@ impl Block {
                 dh = dx;
             }
             drop(input);
-            for r in runs() {
+            for r in l.runs.iter().filter(|r| r.group == g) {
                 let part = dh
                     .narrow(0, r.member, r.len)?
                     .transpose(0, 1)?
@@ -1026,6 +1016,15 @@ impl Block {
             })?;
         Ok((dx, grads))
     }
+}
+
+/// `[B, 2, F, T, 2]` → `[BT, 4F]`: each frame's (bin, channel, re/im) features, the order of
+/// the band split's inputs and of the mask estimators' outputs.
+fn frame_features(x: &Tensor) -> Result<Tensor> {
+    let (b, _, f, t, _) = x.dims5()?;
+    Ok(x.permute((0, 3, 2, 1, 4))?
+        .contiguous()?
+        .reshape((b * t, 4 * f))?)
 }
 
 /// Complex masking and inverse STFT: `mask` `[B, S, 2, F, T, 2]` times the mixture STFT `spec`

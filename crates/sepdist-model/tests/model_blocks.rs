@@ -11,6 +11,24 @@ use std::collections::BTreeMap;
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Asserts `max |a − b| ≤ tol · max(max |scale_of|, 1e-3)`, computed in f64.
+fn assert_close(a: &Tensor, b: &Tensor, scale_of: &Tensor, tol: f64, what: &str) -> R<()> {
+    let max_abs = |t: &Tensor| -> R<f64> {
+        Ok(t.to_dtype(DType::F64)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f64>()?)
+    };
+    let diff = max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)?;
+    let scale = max_abs(scale_of)?.max(1e-3);
+    assert!(
+        diff <= tol * scale,
+        "{what}: differs by {diff} (scale {scale})"
+    );
+    Ok(())
+}
+
 fn tiny() -> ModelConfig {
     ModelConfig {
         n_fft: 64,
@@ -180,26 +198,9 @@ fn model_transformer_own_backward_matches_candle_backward() -> R<()> {
 
             let (own_y, saved) = block.forward_saved(&p, &x, &ctx)?;
             let (dx, dparams) = block.backward_saved(&p, saved, dy.clone(), &ctx)?;
-            let close = |a: &Tensor, b: &Tensor, what: &str| -> R<()> {
-                let a = a.to_dtype(DType::F64)?;
-                let b = b.to_dtype(DType::F64)?;
-                let diff = (&a - &b)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f64>()?;
-                let scale = a
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f64>()?
-                    .max(1e-3);
-                assert!(
-                    diff <= tol * scale,
-                    "{} {what} ({dtype:?}): differs by {diff} (scale {scale})",
-                    block.name()
-                );
-                Ok(())
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let label = format!("{} {what} ({dtype:?})", block.name());
+                assert_close(a, b, a, tol, &label)
             };
             close(&own_y, &y, "output")?;
             close(
@@ -281,21 +282,8 @@ fn model_head_own_backward_matches_candle_backward() -> R<()> {
             let dmask = (&own_est * &dest)?.sum_all()?.backward()?;
             let dmask = dmask.get(mask.as_tensor()).ok_or("no mask gradient")?;
             let (dx, dparams) = head.head_source_backward(&p, s, saved, dmask.clone(), &x)?;
-            let close = |a: &Tensor, b: &Tensor, what: &str| -> R<()> {
-                let max_abs = |t: &Tensor| -> R<f64> {
-                    Ok(t.to_dtype(DType::F64)?
-                        .abs()?
-                        .flatten_all()?
-                        .max(0)?
-                        .to_scalar::<f64>()?)
-                };
-                let diff = max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)?;
-                let scale = max_abs(b)?.max(1e-3);
-                assert!(
-                    diff <= tol * scale,
-                    "source {s} {what} ({dtype:?}): differs by {diff} (scale {scale})"
-                );
-                Ok(())
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                assert_close(a, b, b, tol, &format!("source {s} {what} ({dtype:?})"))
             };
             close(&own_est, &est, "estimate")?;
             close(

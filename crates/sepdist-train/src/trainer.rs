@@ -805,13 +805,6 @@ impl Trainer<'_> {
                 }
             }
         }
-        let zero3_schedule = self
-            .zero3
-            .as_ref()
-            .map(|_| {
-                cuda_oom::zero3_schedule(&self.engine, self.cfg.training.gradient_checkpointing)
-            })
-            .unwrap_or_default();
         // Blocks whose backward finished in the last micro-batch (bucketed reductions).
         let mut done = vec![false; blocks];
         for micro in 0..accumulation {
@@ -838,10 +831,12 @@ impl Trainer<'_> {
             // The collectives of this micro-batch that the other ranks issue and this rank
             // has not: in the order the engine issues them.
             if let Some(zero3) = &self.zero3 {
+                let recompute = self.cfg.training.gradient_checkpointing;
+                let schedule = cuda_oom::zero3_schedule(&self.engine, recompute);
                 let mut access = zero3.access(self.comm, &self.flat, &mut self.grads);
-                let (engine, schedule) = (&self.engine, &zero3_schedule);
+                let engine = &self.engine;
                 self.meter.phase(Phase::Backward, || {
-                    cuda_oom::finish_zero3(&mut access, engine, schedule, &zero3_done)
+                    cuda_oom::finish_zero3(&mut access, engine, &schedule, &zero3_done)
                 })?;
             } else if bucketed {
                 // Blocks finish their backward in reverse order.

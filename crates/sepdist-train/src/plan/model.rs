@@ -249,32 +249,50 @@ pub(crate) fn context(t: &mut Tape, s: &Shapes) -> Context {
     Context { spec }
 }
 
+/// `frame_features`: permute, contiguous (a copy), reshape: `[B, 2, F, T, 2]` → `[BT, 4F]`.
+fn frame_features(t: &mut Tape, x: Id) -> Id {
+    t.begin();
+    let perm = t.transpose(x, false);
+    let copy = t.contiguous(perm);
+    let feats = t.reshape(copy);
+    t.end(&[feats]);
+    feats
+}
+
+/// `Block::group_features` of the frame features `feats`: `[n_g, BT, d_g]` (a scope handle).
+/// Per run a narrow of the feature axis (strided: its reshape copies), their cat, transposed
+/// and copied.
+fn group_features(t: &mut Tape, s: &Shapes, feats: Id, g: usize) -> Id {
+    t.begin();
+    let bt = s.bt();
+    let (n_g, width) = s.groups[g];
+    let parts: Vec<Id> = s
+        .runs
+        .iter()
+        .filter(|r| r.group == g)
+        .map(|r| {
+            let v = t.narrow(feats, bt * r.len * 4 * width, false);
+            t.reshape(v)
+        })
+        .collect();
+    let cat = t.cat(&parts);
+    let tr = t.transpose(cat, n_g == 1 || bt == 1);
+    let xg = t.contiguous(tr);
+    t.end(&[xg]);
+    xg
+}
+
 /// `Block::band_split`: `[B, 2, F, T, 2]` → `[B, T, K, D]`.
 fn band_split(t: &mut Tape, s: &Shapes, x: Id, tracked: bool) -> Id {
     t.begin();
     let bt = s.bt();
     let d = s.dim;
-    // permute + contiguous + reshape: (bin, channel, re/im) features per frame.
-    let perm = t.transpose(x, false);
-    let feats = t.contiguous(perm);
-    let feats = t.reshape(feats);
+    let feats = frame_features(t, x);
     let mut outs = Vec::new();
     for (g, &(n_g, width)) in s.groups.iter().enumerate() {
         t.begin(); // the loop body
         let di = 4 * width;
-        let parts: Vec<Id> = s
-            .runs
-            .iter()
-            .filter(|r| r.group == g)
-            .map(|r| {
-                // A narrow of the feature axis is strided: its reshape copies.
-                let v = t.narrow(feats, bt * r.len * di, false);
-                t.reshape(v)
-            })
-            .collect();
-        let cat = t.cat(&parts);
-        let xg = t.transpose(cat, n_g == 1); // [n_g, BT, d_g]
-        let xg = t.contiguous(xg);
+        let xg = group_features(t, s, feats, g); // [n_g, BT, d_g]
         let gamma = param(t, s, n_g * di, tracked);
         let xn = rms_norm(t, xg, gamma, di);
         let w = param(t, s, n_g * di * d, tracked);
@@ -812,11 +830,8 @@ fn head_source_backward(
     t.begin();
     let (bt, d, es) = (s.bt(), s.dim, s.es);
     let leaf = |t: &mut Tape, e: u64| t.leaf(e, es, false);
-    // squeeze, permute, contiguous (a copy), reshape.
     let sq = t.squeeze(dmask);
-    let perm = t.transpose(sq, false);
-    let dm = t.contiguous(perm);
-    t.drop_local(perm);
+    let dm = frame_features(t, sq);
     t.drop_local(sq);
     t.release(dmask);
     let dxn = leaf(t, bt * s.bands * d);
@@ -824,26 +839,7 @@ fn head_source_backward(
     for (g, (&(n_g, width), mut outs)) in s.groups.iter().zip(saved).enumerate() {
         let widths = &s.mask_widths[g];
         let di = 4 * width;
-        // Per run a narrow of `dm` reshaped (a copy), their cat, transposed and copied.
-        let parts: Vec<Id> = s
-            .runs
-            .iter()
-            .filter(|r| r.group == g)
-            .map(|r| {
-                let v = t.narrow(dm, bt * r.len * di, false);
-                let c = t.reshape(v);
-                t.drop_local(v);
-                c
-            })
-            .collect();
-        let cat = t.cat(&parts);
-        let tr = t.transpose(cat, n_g == 1 || bt == 1);
-        let dglu = t.contiguous(tr);
-        t.drop_local(tr);
-        t.drop_local(cat);
-        for q in parts {
-            t.drop_local(q);
-        }
+        let dglu = group_features(t, s, dm, g);
         let mut dh = leaf(t, n_g * bt * 2 * di); // glu_tanh_backward
         t.drop_local(dglu);
         let input = group_inputs(t, s, x, p.gamma, g);
