@@ -9,7 +9,7 @@
 //! argument. The public wrapper narrows the lse off; the gradient candle routes into that
 //! column is then zero, but the backward still handles a non-zero one exactly
 //! (`∂lse_i/∂s_ij = P_ij`, folded into `D_i`). The backward itself is a second custom op
-//! ([`FlashAttnBwd`]) so a `cuda_fwd` can slot into both.
+//! ([`FlashAttnBwd`]); both have CUDA kernels in `attention.cu` (see `attention_cuda.rs`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result};
@@ -28,25 +28,41 @@ const BLOCK_K: usize = 64;
 /// Softmax attention `softmax(scale · q kᵀ) v` with memory linear in `T`.
 ///
 /// `q`, `k`, `v`: `[B, H, T, Dh]` with the same shape and dtype; returns `[B, H, T, Dh]`.
-/// Differentiable in `q`, `k` and `v`. CPU kernels for f32 and f64; on other devices and
-/// dtypes (no kernel yet) it falls back to [`reference_attention`], which is correct but
-/// quadratic in memory.
+/// Differentiable in `q`, `k` and `v`. Kernels on the CPU (f32, f64) and on CUDA (f32, bf16,
+/// head size up to 128); elsewhere it falls back to [`reference_attention`], which is correct
+/// but quadratic in memory.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, _, _, d) = check_qkv(q, k, v, scale)?;
-    if !kernel_takes(&[q]) {
+    if !has_kernel(q, d) {
         return reference_attention(q, k, v, scale);
     }
     let out = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale })?;
-    out.narrow(3, 0, d)
+    // The CUDA kernel's result is f32 for bf16 inputs too (see attention_cuda.rs).
+    out.narrow(3, 0, d)?.to_dtype(q.dtype())
+}
+
+/// Whether a kernel takes q/k/v like `x` with head size `d`: the CPU's (f32, f64) or, in CUDA
+/// builds, the GPU's (f32, bf16).
+fn has_kernel(x: &Tensor, d: usize) -> bool {
+    if kernel_takes(&[x]) {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::attention_cuda::takes(x.dtype(), d);
+    }
+    let _ = d;
+    false
 }
 
 /// [`flash_attention`] on q, k, v packed in one tensor `[3, B, H, T, Dh]` (as
 /// [`super::attn_proj::qkv_rope`] makes them), returning the output ‖ log-sum-exp
 /// `[B, H, T, Dh + 1]` (the first `Dh` columns are the attention output). The backward returns
-/// the packed (dq, dk, dv) as the gradient of the one input, with no per-part copies. On other
-/// devices and dtypes: the reference attention and the log-sum-exp of its scores.
+/// the packed (dq, dk, dv) as the gradient of the one input, with no per-part copies. Where no
+/// kernel takes them: the reference attention and the log-sum-exp of its scores. With bf16 on
+/// CUDA the kernel's f32 result is what the backward keeps; the caller gets a bf16 copy.
 pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     let (three, b, h, t, d) = qkv.dims5()?;
     if three != 3 {
@@ -57,7 +73,7 @@ pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     }
     let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
     check_qkv(&q, &k, &v, scale)?;
-    if !kernel_takes(&[qkv]) {
+    if !has_kernel(qkv, d) {
         let scores = scores(&q, &k, scale)?;
         let out = probabilities(&scores, v.dtype())?.matmul(&v.contiguous()?)?;
         let lse = super::softmax::logsumexp_last_dim(&scores)?.to_dtype(v.dtype())?;
@@ -65,7 +81,7 @@ pub fn flash_attention_packed(qkv: &Tensor, scale: f64) -> Result<Tensor> {
     }
     let out = qkv.contiguous()?.apply_op1(FlashAttnPacked { scale })?;
     debug_assert_eq!(out.dims(), [b, h, t, d + 1]);
-    Ok(out)
+    out.to_dtype(qkv.dtype())
 }
 
 /// The backward of [`flash_attention_packed`] without a graph (the fused op's, on the CPU):
@@ -191,6 +207,28 @@ impl CustomOp3 for FlashAttn {
         Ok((out, Shape::from((b, h, t, d + 1))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::attention_cuda::{Part, forward};
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let name = self.name();
+        let (q, k, v) = (
+            Part::of(s1, l1, name)?,
+            Part::of(s2, l2, name)?,
+            Part::of(s3, l3, name)?,
+        );
+        let out = forward(q, k, v, b * h, t, d, self.scale)?;
+        Ok((out, Shape::from((b, h, t, d + 1))))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -242,6 +280,20 @@ impl CustomOp1 for FlashAttnPacked {
             }
             dt => return Err(unsupported_dtype(name, dt)),
         };
+        Ok((out, Shape::from((b, h, t, d + 1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::attention_cuda::{Part, forward};
+        let (_, b, h, t, d) = l1.shape().dims5()?;
+        let n = b * h * t * d;
+        let q = Part::of(s1, l1, self.name())?;
+        let out = forward(q, q.at(n), q.at(2 * n), b * h, t, d, self.scale)?;
         Ok((out, Shape::from((b, h, t, d + 1))))
     }
 
@@ -398,6 +450,42 @@ impl CustomOp3 for FlashAttnBwd {
             )?),
             dt => return Err(unsupported_dtype(name, dt)),
         };
+        Ok((out, Shape::from((3, b, h, t, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::attention_cuda::{Part, backward};
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let name = self.name();
+        let (res_storage, res_layout) = self.res.storage_and_layout();
+        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
+        let (candle_core::Storage::Cuda(rs), candle_core::Storage::Cuda(gs)) =
+            (&*res_storage, &*grad_storage)
+        else {
+            return Err(Error::Msg(format!(
+                "{name}: saved tensors are not on the GPU"
+            )));
+        };
+        let out = backward(
+            Part::of(s1, l1, name)?,
+            Part::of(s2, l2, name)?,
+            Part::of(s3, l3, name)?,
+            Part::of(rs, res_layout, name)?,
+            Part::of(gs, grad_layout, name)?,
+            b * h,
+            t,
+            d,
+            self.scale,
+        )?;
         Ok((out, Shape::from((3, b, h, t, d))))
     }
 }

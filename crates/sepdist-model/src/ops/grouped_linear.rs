@@ -37,7 +37,9 @@ pub fn grouped_linear(x: &Tensor, w: &Tensor, b: &Tensor, tanh: bool) -> Result<
 /// [`grouped_linear`] composed from candle ops (as the mask estimators wrote it).
 pub fn grouped_linear_composed(x: &Tensor, w: &Tensor, b: &Tensor, tanh: bool) -> Result<Tensor> {
     dims(x, w, b)?;
-    let y = super::bias::add_bias(&x.matmul(w)?, &b.unsqueeze(1)?)?;
+    // candle's CUDA batched matmul takes no batch stride other than the contiguous one (a
+    // narrow or transpose of the band features is copied first; free when contiguous).
+    let y = super::bias::add_bias(&x.contiguous()?.matmul(w)?, &b.unsqueeze(1)?)?;
     if tanh { y.tanh() } else { Ok(y) }
 }
 

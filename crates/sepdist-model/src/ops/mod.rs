@@ -3,8 +3,9 @@
 //!
 //! candle's fused softmax / rms_norm / layer_norm / sdpa have no backward and candle has no
 //! FFT, so the model uses these instead. Ops with their own kernels are candle `CustomOp`s
-//! with a CPU forward (f32 and f64) and a `bwd`; a `cuda_fwd` can be added to the same op
-//! structs later. The others are compositions of differentiable candle ops.
+//! with a CPU forward (f32 and f64) and a `bwd`; the attention also has CUDA kernels (f32 and
+//! bf16, `attention.cu`, compiled at run time with NVRTC). The others are compositions of
+//! differentiable candle ops on CUDA.
 //!
 //! The fused ops (RMSNorm, QKV projection with RoPE, attention output projection with the
 //! residual, the feed-forward's linear layers, the mask estimators' per-band linear layers and
@@ -20,6 +21,8 @@
 //! they took before.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
 pub mod attn_proj;
 pub(crate) mod bias;
 mod cpu;
