@@ -80,6 +80,10 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 EXIT_USAGE
             } else if let Some(sepdist_train::TrainError::Setup(_)) = error.downcast_ref() {
                 EXIT_USAGE
+            } else if is_cuda_out_of_memory(&error) {
+                // bench, separate, eval: the device was too small for what they ran; the
+                // same code as training's out-of-memory stop.
+                EXIT_OUT_OF_MEMORY
             } else {
                 EXIT_FAILURE
             };
@@ -115,7 +119,7 @@ pub fn run(cli: Cli, heap: &'static dyn sepdist_train::memory::HeapCounter) -> R
 pub fn error_message(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
-        let part = cause.to_string();
+        let part = without_backtrace(&cause.to_string());
         if !text.contains(&part) {
             if !text.is_empty() {
                 text.push_str(": ");
@@ -124,4 +128,49 @@ pub fn error_message(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// `text` without the backtrace candle appends to its errors under `RUST_BACKTRACE` (frame
+/// lines `  N: symbol` and `      at file:line`): a user needs the message, not the frames.
+fn without_backtrace(text: &str) -> String {
+    let frame = |line: &str| {
+        let t = line.trim_start();
+        let indented = t.len() < line.len();
+        let numbered = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        indented && (numbered || t.starts_with("at "))
+    };
+    let kept: Vec<&str> = text.lines().filter(|l| !frame(l)).collect();
+    kept.join("\n").trim_end().to_string()
+}
+
+/// Whether a CUDA out-of-memory error of a tensor op is anywhere in `error`'s chain.
+fn is_cuda_out_of_memory(error: &anyhow::Error) -> bool {
+    error.chain().any(sepdist_train::oom::is_cuda_out_of_memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cuda_out_of_memory_exits_with_4_and_its_message_has_no_backtrace() {
+        // What bench printed on an H200 when the micro-batch did not fit (RUST_BACKTRACE set).
+        let text = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: <unknown>\n  \
+                    18: __libc_start_main\n             at ./csu/libc-start.c:360:3\n  19: <unknown>";
+        let failure = Failure::from(candle_core::Error::Msg(text.into()));
+        assert_eq!(failure.code, EXIT_OUT_OF_MEMORY);
+        assert_eq!(
+            error_message(&failure.error),
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        );
+        // Other errors keep their code and every line that is not a frame.
+        let other = Failure::from(anyhow::anyhow!("first line\n  indented detail: kept"));
+        assert_eq!(other.code, EXIT_FAILURE);
+        assert_eq!(
+            error_message(&other.error),
+            "first line\n  indented detail: kept"
+        );
+    }
 }

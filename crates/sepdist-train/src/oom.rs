@@ -577,6 +577,16 @@ fn cuda_error_is_oom(e: &candle_core::cuda_backend::CudaError) -> bool {
     }
 }
 
+/// Whether `e` (one link of an error chain) is a CUDA out-of-memory error of a tensor op: a
+/// candle error or a [`TrainError`] that carries one.
+pub fn is_cuda_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(c) = e.downcast_ref::<candle_core::Error>() {
+        return cuda_out_of_memory(c).is_some();
+    }
+    e.downcast_ref::<TrainError>()
+        .is_some_and(|t| t.cuda_out_of_memory().is_some())
+}
+
 impl TrainError {
     /// The message of a CUDA out-of-memory error raised by a tensor op ([`cuda_out_of_memory`]);
     /// `None` for every other error, including a collective's (whose CUDA failures break the
