@@ -16,6 +16,8 @@ usage() {
 usage: launch/gpu-check.sh [options]
 
   --quick              the op tests only
+  --skip-ops           no op tests
+  --no-fit             bench and train the configured setting (with --set), not `plan --fit`'s
   --dry-run            print the commands, run nothing
   --device cuda|cpu    cuda (default); cpu rehearses bench/plan/train parsing and the table on
                        a machine without a GPU (with --bin, and --set to shrink the model)
@@ -25,10 +27,15 @@ usage: launch/gpu-check.sh [options]
   --config FILE        (default configs/musdb18_memory_optimized.yaml)
   --set KEY=VALUE      extra override for plan, bench and train (repeatable)
   --steps N            timed bench steps (default 20); --warmup N (default 2)
-  --train-steps N      training steps (default 20)
+  --train-steps N      training steps (default 20; 0 skips training)
   --budget SIZE        memory budget for `plan --fit` (default: the GPU's free memory; cpu:
                        the plan's MemAvailable)
   --time-budget S      seconds for the whole check (default 450)
+  --oom-batch N        out-of-memory check (issue 11): micro-batch N of the config, refused
+                       before allocation, then started with --force so that the device runs
+                       out of memory during a step (default 32; 0 skips)
+  --xlarge-steps N     training steps of configs/musdb18_xlarge.yaml with the setting that
+                       `plan --fit` gives for the GPU (training.on_oom: refit; default 2; 0 skips)
   --out DIR            where logs and the summary go (default $OUT, else a temporary folder)
 Environment: SEPDIST_CUDA_LIBS (colon-separated library folders used instead of searching the
 Python environment).
@@ -38,6 +45,8 @@ USAGE
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 pkg="$ROOT/gpu-check"
 quick=0
+skip_ops=0
+no_fit=0
 dry=0
 device=cuda
 bin=""
@@ -49,6 +58,8 @@ warmup=2
 train_steps=20
 budget=""
 time_budget=450
+oom_batch=32
+xlarge_steps=2
 out=${OUT:-}
 
 need() {
@@ -58,6 +69,8 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -h | --help) usage; exit 0 ;;
         --quick) quick=1; shift ;;
+        --skip-ops) skip_ops=1; shift ;;
+        --no-fit) no_fit=1; shift ;;
         --dry-run) dry=1; shift ;;
         --device) need "$@"; device=$2; shift 2 ;;
         --pkg) need "$@"; pkg=$2; shift 2 ;;
@@ -71,6 +84,8 @@ while [[ $# -gt 0 ]]; do
         --budget) need "$@"; budget=$2; shift 2 ;;
         --time-budget) need "$@"; time_budget=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
+        --oom-batch) need "$@"; oom_batch=$2; shift 2 ;;
+        --xlarge-steps) need "$@"; xlarge_steps=$2; shift 2 ;;
         *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -78,7 +93,7 @@ case "$device" in
     cuda | cpu) ;;
     *) echo "gpu-check: --device must be cuda or cpu, not '$device'" >&2; exit 2 ;;
 esac
-for n in "$steps" "$warmup" "$train_steps" "$time_budget"; do
+for n in "$steps" "$warmup" "$train_steps" "$time_budget" "$oom_batch" "$xlarge_steps"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "gpu-check: '$n' is not a whole number" >&2; exit 2; }
 done
 
@@ -90,7 +105,7 @@ if [[ -z $out ]]; then
 fi
 mkdir -p "$out"
 # The data, the run and the unpacked executables go; the logs stay.
-trap 'rm -rf "$work/data" "$work/run" "$work/bin"' EXIT
+trap 'rm -rf "$work/data" "$work/run" "$work/bin" "$work/data_xlarge" "$work/oom" "$work/xlarge"' EXIT
 # The whole transcript goes to the console and to gpu-check.log.
 exec > >(tee "$out/gpu-check.log") 2>&1
 
@@ -249,6 +264,8 @@ ops_log="$out/ops.log"
 : >"$ops_log"
 if [[ $device == cpu ]]; then
     note "op tests not run: they compare CUDA with the CPU (rehearsal on the CPU)"
+elif [[ $skip_ops -eq 1 ]]; then
+    note "op tests not run (--skip-ops)"
 elif [[ -z $OPS ]]; then
     fail "no op test executable (ops_cuda) in $pkg"
 else
@@ -314,9 +331,15 @@ if [[ $quick -eq 0 ]]; then
 
     plan_args=(plan --config "$config" "${sets[@]}" --device "$plan_device")
     [[ -n $budget ]] && plan_args+=(--budget "$budget")
-    run_stage "plan --fit" 60 "$plan_log" "$S" "${plan_args[@]}" --fit
+    if [[ $no_fit -eq 1 ]]; then
+        run_stage "plan" 60 "$plan_log" "$S" "${plan_args[@]}"
+    else
+        run_stage "plan --fit" 60 "$plan_log" "$S" "${plan_args[@]}" --fit
+    fi
     rc=$?
-    if [[ $dry -eq 1 ]]; then
+    if [[ $no_fit -eq 1 ]]; then
+        [[ $rc -eq 0 || $rc -eq 3 ]] || fail "sepdist plan failed (status $rc)"
+    elif [[ $dry -eq 1 ]]; then
         fit_sets=(--set "training.batch_size=<fitted>" --set "training.gradient_accumulation_steps=<fitted>")
     elif [[ $rc -eq 0 ]]; then
         line=$(grep -m1 -A1 '^fit:' "$plan_log" | grep -E '^ +--set ' | head -1)
@@ -382,7 +405,9 @@ if [[ $quick -eq 0 ]]; then
     fi
 
     # A bench too slow for its time still lets the training steps measure the rate.
-    if [[ $bench_ok -eq 1 || $bench_rc -eq 124 || $dry -eq 1 ]]; then
+    if [[ $train_steps -eq 0 ]]; then
+        note "train not run (--train-steps 0)"
+    elif [[ $bench_ok -eq 1 || $bench_rc -eq 124 || $dry -eq 1 ]]; then
         run_dir="$work/run"
         smi_sample "$work/smi_train.txt"
         run_stage "train" 200 "$train_log" "$S" train "${dev_flag[@]}" "${common[@]}" "${run_sets[@]}" \
@@ -410,7 +435,79 @@ if [[ $quick -eq 0 ]]; then
     fi
 fi
 
-# --- 3. summary --------------------------------------------------------------------------------
+# --- 4. out of memory (issue 11) and the xlarge preset --------------------------------------------
+oom_log="$out/oom.log"
+xlarge_log="$out/xlarge.log"
+: >"$oom_log"
+: >"$xlarge_log"
+oom_result=""
+xlarge_result=""
+if [[ $quick -eq 0 && $oom_batch -gt 0 ]]; then
+    oom_sets=(--set "training.batch_size=$oom_batch" --set training.gradient_accumulation_steps=1
+        --set training.max_steps=2 --set training.eval_every=0 --set training.checkpoint_every=0
+        --set "training.output_dir=$work/oom")
+    # Refused before anything is allocated: exit 4 and the fitted overrides.
+    run_stage "oom: pre-flight, micro-batch $oom_batch" 60 "$oom_log" "$S" train "${dev_flag[@]}" \
+        "${common[@]}" "${oom_sets[@]}"
+    rc=$?
+    if [[ $dry -eq 0 ]]; then
+        if [[ $rc -eq 4 ]] && grep -q 'nothing was allocated' "$oom_log"; then
+            oom_result="pre-flight refused micro-batch $oom_batch (exit 4)"
+        else
+            fail "oom: the pre-flight did not refuse micro-batch $oom_batch (status $rc)"
+        fi
+    fi
+    # Started anyway: the device runs out of memory inside a step; a diagnosis, no backtrace.
+    mark=$(wc -l <"$oom_log")
+    RUST_BACKTRACE=1 run_stage "oom: run time, micro-batch $oom_batch, --force" 120 "$oom_log" "$S" \
+        train "${dev_flag[@]}" "${common[@]}" "${oom_sets[@]}" --force
+    rc=$?
+    if [[ $dry -eq 0 ]]; then
+        tail_part=$(tail -n +"$((mark + 1))" "$oom_log")
+        if grep -qi 'panicked\|stack backtrace' <<<"$tail_part"; then
+            fail "oom: run time: a panic or backtrace instead of the diagnosis (status $rc)"
+        elif [[ $rc -eq 4 ]] && grep -qi 'out of memory' <<<"$tail_part"; then
+            oom_result+="; --force: CUDA out of memory diagnosed at run time (exit 4)"
+        else
+            fail "oom: run time: status $rc without the out-of-memory diagnosis"
+        fi
+    fi
+fi
+if [[ $quick -eq 0 && $xlarge_steps -gt 0 ]]; then
+    xconfig="$ROOT/configs/musdb18_xlarge.yaml"
+    xdata="$work/data_xlarge"
+    # 17 s tracks: longer than the preset's 15 s segments.
+    run_stage "xlarge: synthetic data" 60 "$xlarge_log" "$S" data synth --config "$xconfig" \
+        --out "$xdata" --tracks 3 --seconds 17 || fail "xlarge: sepdist data synth failed"
+    xplan=(plan --config "$xconfig" --device "$plan_device")
+    [[ -n $budget ]] && xplan+=(--budget "$budget")
+    run_stage "xlarge: plan --fit" 60 "$xlarge_log" "$S" "${xplan[@]}" --fit
+    xfit=()
+    if [[ $dry -eq 0 ]]; then
+        line=$(grep -m1 -A1 '^fit:' "$xlarge_log" | grep -E '^ +--set ' | head -1)
+        read -r -a xfit <<<"$line"
+    fi
+    mark=$(wc -l <"$xlarge_log")
+    smi_sample "$work/smi_xlarge.txt"
+    run_stage "xlarge: train $xlarge_steps steps ${xfit[*]}" 200 "$xlarge_log" "$S" train \
+        "${dev_flag[@]}" --config "$xconfig" --set "dataset.root=$xdata" "${xfit[@]}" \
+        --set "training.max_steps=$xlarge_steps" --set training.log_every=1 \
+        --set training.eval_every=0 --set training.checkpoint_every=0 --set training.on_oom=refit \
+        --set "dataset.validation_tracks=[synth_000]" --set "training.output_dir=$work/xlarge" \
+        --memory-report
+    rc=$?
+    smi_stop "$work/smi_xlarge.txt"
+    if [[ $dry -eq 0 ]]; then
+        tail_part=$(tail -n +"$((mark + 1))" "$xlarge_log")
+        seen=$(grep -cE '^epoch [0-9]+ step [0-9]+/[0-9]+: loss=' <<<"$tail_part")
+        refits=$(grep -ci 'refit' <<<"$tail_part")
+        xlarge_result="${xfit[*]:-as configured}: status $rc, $seen of $xlarge_steps steps"
+        [[ $refits -gt 0 ]] && xlarge_result+=", refit lines: $refits"
+        [[ $rc -eq 0 && $seen -eq $xlarge_steps ]] || fail "xlarge: $xlarge_result"
+    fi
+fi
+
+# --- 5. summary --------------------------------------------------------------------------------
 if [[ $dry -eq 1 ]]; then
     say "dry run: nothing was run"
     exit 0
@@ -419,6 +516,7 @@ export GC_OUT="$out" GC_WORK="$work" GC_DEVICE="$device" GC_GPU="$gpu_name" GC_D
 export GC_PLAN_DEVICE="$plan_device" GC_PRECISION="$precision" GC_QUICK="$quick"
 export GC_SETTING="${run_sets[*]:-}" GC_FITTED="${fit_sets[*]:-}" GC_BUDGET="$budget"
 export GC_BENCH_OK="$bench_ok" GC_TRAIN_OK="$train_ok"
+export GC_OOM="$oom_result" GC_XLARGE="$xlarge_result"
 export GC_COMMIT
 GC_COMMIT=$(grep -m1 '^commit:' "$pkg/MANIFEST" 2>/dev/null | cut -d' ' -f2-)
 python3 - <<'PY' | tee "$out/summary.txt"
@@ -462,11 +560,14 @@ ops = read("ops.log")
 m = re.search(r"^test result: ok\. (\d+) passed", ops, re.M)
 worst = [float(x) for x in re.findall(r"worst relative difference ([0-9.eE+-]+)", ops)]
 worst += [float(x) for x in re.findall(r"gradients, worst ([0-9.eE+-]+)", ops)]
+worst16 = [float(x) for x in re.findall(r"bf16 against the CPU's fp32 ([0-9.eE+-]+)", ops)]
 if m:
     summary["op_tests_passed"] = int(m.group(1))
+    summary["op_worst_relative_bf16"] = max(worst16) if worst16 else None
     summary["op_worst_relative"] = max(worst) if worst else None
     rows.append(("op tests (CUDA vs CPU)", f"{m.group(1)} passed, worst relative difference "
-                 + (f"{max(worst):.1e}" if worst else "n/a")))
+                 + (f"{max(worst):.1e}" if worst else "n/a")
+                 + (f"; bf16 against the CPU's fp32 {max(worst16):.1e}" if worst16 else "")))
 elif env["GC_DEVICE"] == "cuda":
     rows.append(("op tests (CUDA vs CPU)", "FAILED or not run (ops.log)"))
 
@@ -570,6 +671,18 @@ if env["GC_QUICK"] != "1":
     rep = re.search(r"^  peak allocated .*$", tlog, re.M)
     if rep:
         rows.append(("train --memory-report", rep.group(0).strip()))
+
+if env.get("GC_OOM"):
+    rows.append(("out of memory", env["GC_OOM"]))
+if env.get("GC_XLARGE"):
+    rows.append(("xlarge", env["GC_XLARGE"]))
+    xl = read("xlarge.log")
+    lines = re.findall(r"^epoch \d+ step \d+/\d+: .*$", xl, re.M)
+    if lines:
+        rows.append(("xlarge train", lines[-1]))
+    p = smi_peak("smi_xlarge.txt")
+    if p is not None:
+        rows.append(("device memory used (xlarge)", gb(p - (smi_peak("smi_idle.txt") or 0))))
 
 head = f"gpu-check summary: {env['GC_GPU'] or env['GC_DEVICE']}"
 if env["GC_DRIVER"]:
