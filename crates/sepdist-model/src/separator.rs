@@ -391,10 +391,15 @@ impl Block {
     /// [`Block::head_source_saved`] with [`Block::head_source_backward`]). Elsewhere candle's
     /// backward of [`Block::forward`]'s (or [`Block::head_source`]'s) graph is the way.
     pub fn has_own_backward(&self, x: &Tensor, ctx: &ForwardContext) -> bool {
-        let fused_ops = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        let cpu_kernels = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        // A transformer's backward needs the attention's kernel (the CPU's, or CUDA's in f32:
+        // its bf16 forward hands a bf16 copy on, not the f32 result its backward reads); the
+        // other ops have composed backwards on every device. The head follows the transformers
+        // (its ops would take bf16, but bf16 keeps candle's graph throughout for now).
+        let attention_kernel = cpu_kernels || (x.device().is_cuda() && x.dtype() == DType::F32);
         match self.slots {
-            Slots::Transformer(_) => fused_ops && ctx.attention == AttentionKind::Flash,
-            Slots::Head(..) => fused_ops,
+            Slots::Transformer(_) => attention_kernel && ctx.attention == AttentionKind::Flash,
+            Slots::Head(..) => attention_kernel,
             Slots::BandSplit(_) => false,
         }
     }
@@ -560,12 +565,16 @@ impl Block {
             }
         };
         let (dfo, dwo) = attn_proj::out_proj_residual_backward(&fo, &p.wo, seq, dh, &dxs)?;
-        let dqkv = attention::flash_attention_packed_backward_in_place(
-            qkv,
-            &fo,
-            &dfo,
-            self.attention_scale(),
-        )?;
+        let dqkv = if qkv.device().is_cpu() {
+            attention::flash_attention_packed_backward_in_place(
+                qkv,
+                &fo,
+                &dfo,
+                self.attention_scale(),
+            )?
+        } else {
+            attention::flash_attention_packed_backward(&qkv, &fo, &dfo, self.attention_scale())?
+        };
         drop((dfo, fo));
         let (dhn, dwqkv) = attn_proj::qkv_rope_backward(
             || match hn {

@@ -171,6 +171,18 @@ fn model_blocks_are_pure_and_reject_wrong_params() -> R<()> {
 /// transformer, in f32 and f64.
 #[test]
 fn model_transformer_own_backward_matches_candle_backward() -> R<()> {
+    transformer_own_backward_matches_candle_backward()
+}
+
+/// The same with the fused ops' CPU kernels off: the composed forwards and backwards a GPU
+/// runs (`ops::with_composed_ops`; the attention keeps its kernel, as on a GPU), against
+/// candle's backward of the composed graph; the head then takes candle's graph.
+#[test]
+fn model_transformer_composed_own_backward_matches_candle_backward() -> R<()> {
+    sepdist_model::ops::with_composed_ops(transformer_own_backward_matches_candle_backward)
+}
+
+fn transformer_own_backward_matches_candle_backward() -> R<()> {
     for dtype in [DType::F64, DType::F32] {
         let sep = Separator::new(&tiny(), 2)?;
         let params = sep.init_params(11, &Device::Cpu, dtype)?;
@@ -239,6 +251,17 @@ fn model_transformer_own_backward_matches_candle_backward() -> R<()> {
 /// band groups split into several runs and a deeper mask estimator.
 #[test]
 fn model_head_own_backward_matches_candle_backward() -> R<()> {
+    head_own_backward_matches_candle_backward()
+}
+
+/// The same with the fused ops' CPU kernels off (`ops::with_composed_ops`): the composed
+/// forwards and backwards a GPU runs.
+#[test]
+fn model_head_composed_own_backward_matches_candle_backward() -> R<()> {
+    sepdist_model::ops::with_composed_ops(head_own_backward_matches_candle_backward)
+}
+
+fn head_own_backward_matches_candle_backward() -> R<()> {
     let interleaved = ModelConfig {
         bands: Bands::Widths(vec![2, 4, 2, 4, 21]),
         mask_depth: 3,

@@ -557,3 +557,99 @@ fn ops_cuda_separator_loss_and_gradients_equal_the_cpu()
     }
     Ok(())
 }
+
+/// The blocks' hand-written backwards on CUDA (the transformers' and the head's: the fused
+/// ops' composed forwards and backwards, the attention's CUDA kernels) equal the CPU's fused
+/// ones (fp32): each transformer's output, input gradient and parameter gradients, kept and
+/// checkpointed, and each head piece's mask and gradients, within 1e-4 relative.
+#[test]
+fn ops_cuda_blocks_own_backward_equals_the_cpu()
+-> std::result::Result<(), Box<dyn std::error::Error>> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let sep = Separator::new(&tiny(), 2)?;
+    let params = sep.init_params(5, &Device::Cpu, DType::F32)?;
+    let mix = model_util::normal(&[2, 2, 400], 1.0, 1)?.to_dtype(DType::F32)?;
+    // Every result of the blocks' forwards and backwards on `dev`, labelled, on the CPU.
+    let run =
+        |dev: &Device| -> std::result::Result<Vec<(String, Tensor)>, Box<dyn std::error::Error>> {
+            let params: BTreeMap<String, Tensor> = params
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), t.to_device(dev)?)))
+                .collect::<Result<_>>()?;
+            let ctx = sep.prepare_context_with(&mix.to_device(dev)?, AttentionKind::Flash)?;
+            let blocks = sep.blocks();
+            let band_split = &blocks[0];
+            let mut x = band_split.forward(
+                &sep.block_params(band_split, &params)?,
+                ctx.first_input(),
+                &ctx,
+            )?;
+            let mut out = Vec::new();
+            let mut push = |what: String, t: &Tensor| -> Result<()> {
+                out.push((what, t.to_device(&Device::Cpu)?));
+                Ok(())
+            };
+            for (i, block) in blocks[1..blocks.len() - 1].iter().enumerate() {
+                let name = block.name();
+                assert!(block.has_own_backward(&x, &ctx), "{name} on {dev:?}");
+                let p = sep.block_params(block, &params)?;
+                let dy = model_util::normal(x.dims(), 1.0, 6 + i as u64)?
+                    .to_dtype(DType::F32)?
+                    .to_device(dev)?;
+                let (y, saved) = block.forward_saved(&p, &x, &ctx)?;
+                let (dx, dp) = block.backward_saved(&p, saved, dy.clone(), &ctx)?;
+                let (dx2, dp2) = block.backward_recomputed(&p, &x, dy, &ctx)?;
+                push(format!("{name} output"), &y)?;
+                push(format!("{name} dx"), &dx)?;
+                push(format!("{name} dx (recomputed)"), &dx2)?;
+                for (j, (g, g2)) in dp.iter().zip(&dp2).enumerate() {
+                    push(format!("{name} parameter {j}"), g)?;
+                    push(format!("{name} parameter {j} (recomputed)"), g2)?;
+                }
+                x = y;
+            }
+            let head = &blocks[blocks.len() - 1];
+            assert!(head.has_own_backward(&x, &ctx), "head on {dev:?}");
+            let hp = sep.block_params(head, &params)?;
+            for s in 0..head.head_sources() {
+                let p: Vec<Tensor> = head
+                    .head_source_params(s)?
+                    .iter()
+                    .map(|&i| hp[i].clone())
+                    .collect();
+                let (mask, saved) = head.head_source_saved(&p, s, &x)?;
+                let dmask = model_util::normal(mask.dims(), 1.0, 20 + s as u64)?
+                    .to_dtype(DType::F32)?
+                    .to_device(dev)?;
+                let (dx, dp) = head.head_source_backward(&p, s, saved, dmask, &x)?;
+                push(format!("head source {s} mask"), &mask)?;
+                push(format!("head source {s} dx"), &dx)?;
+                for (j, g) in dp.iter().enumerate() {
+                    push(format!("head source {s} parameter {j}"), g)?;
+                }
+            }
+            Ok(out)
+        };
+    let cpu = run(&Device::Cpu)?;
+    let gpu = run(&dev)?;
+    assert_eq!(cpu.len(), gpu.len());
+    let mut worst = (0.0f64, String::new());
+    for ((what, c), (_, g)) in cpu.iter().zip(&gpu) {
+        assert_eq!(g.dims(), c.dims(), "{what}");
+        let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-30);
+        assert!(
+            err < MODEL_TOL,
+            "{what} on CUDA differs from the CPU by {err:e} (relative)"
+        );
+        if err > worst.0 {
+            worst = (err, what.clone());
+        }
+    }
+    println!(
+        "blocks' own backward: {} results, worst relative difference {:e} ({})",
+        cpu.len(),
+        worst.0,
+        worst.1
+    );
+    Ok(())
+}

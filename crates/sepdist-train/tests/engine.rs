@@ -137,6 +137,26 @@ fn checkpointing_gives_identical_gradients() {
     assert!(d < 1e-6, "max relative difference {d}");
 }
 
+/// The GPU's path on the CPU (`ops::with_composed_ops`: the fused ops' composed twins, the
+/// blocks' composed hand-written backwards) gives the
+/// fused path's loss and gradients, kept and checkpointed.
+#[test]
+fn the_composed_path_gives_the_fused_paths_gradients() {
+    let (mix, target) = data(2, 3);
+    for recompute in [false, true] {
+        let (l0, g0) = grads(&engine(recompute), &mix, &target);
+        let (l1, g1) =
+            sepdist_model::ops::with_composed_ops(|| grads(&engine(recompute), &mix, &target));
+        assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "loss {l0} against {l1}");
+        let d = max_rel_diff(&g0, &g1);
+        assert!(
+            d < 1e-5,
+            "recompute {recompute}: max relative difference {d}"
+        );
+        assert!(g1.iter().any(|&x| x != 0.0));
+    }
+}
+
 #[test]
 fn micro_batches_accumulate_to_the_large_batch_gradient() {
     let e = engine(false);

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Real, cast, contiguous_slice, is_half, kernel_takes, unsupported_dtype};
+use super::cpu::{Real, cast, contiguous_slice, is_half, unsupported_dtype};
 use super::softmax::softmax_last_dim;
 use realfft::num_traits::Float;
 
@@ -46,7 +46,8 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 /// Whether a kernel takes q/k/v like `x` with head size `d`: the CPU's (f32, f64) or, in CUDA
 /// builds, the GPU's (f32, bf16).
 fn has_kernel(x: &Tensor, d: usize) -> bool {
-    if kernel_takes(&[x]) {
+    // Not `kernel_takes`: the attention keeps its kernel under `with_composed_ops`, as on a GPU.
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         return true;
     }
     #[cfg(feature = "cuda")]

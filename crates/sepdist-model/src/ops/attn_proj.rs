@@ -192,12 +192,58 @@ pub fn qkv_rope_backward(
     heads: usize,
     grad: Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    if !kernel_takes(&[&grad, w, rope.tables().0]) {
+        return qkv_rope_backward_composed(hn, w, rope, seq, heads, grad);
+    }
     let gq = QkvRope::new(rope, seq, heads)?.unpack(&grad)?;
     drop(grad);
     match QkvRope::project_back(&gq, &hn()?, w, true, true)? {
         (Some(dhn), Some(dw)) => Ok((dhn, dw)),
         _ => Err(Error::Msg("qkv_rope_backward: no gradient".into())),
     }
+}
+
+/// [`qkv_rope_backward`] from candle ops, on any device (the GPU's path): RoPE's transpose on
+/// the gradients of q and k, the three parts put back one at a time into the projection's rows
+/// `[rows, 3·H·Dh]` (about six activations above `grad` at the most), then `d w = gᵀ·hn` and
+/// `d hn = g·w`, with `hn` asked for once `grad` is gone.
+pub fn qkv_rope_backward_composed(
+    hn: impl FnOnce() -> Result<Tensor>,
+    w: &Tensor,
+    rope: &Rope,
+    seq: SeqLayout,
+    heads: usize,
+    grad: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dh = rope.head_dim();
+    // The rows as `[outer, len, inner, 3, H, Dh]`; part i of `[3, S, H, L, Dh]` (S = outer·
+    // inner) goes to index i of dim 3.
+    let rows = Tensor::zeros(
+        (seq.outer, seq.len, seq.inner, 3, heads, dh),
+        grad.dtype(),
+        grad.device(),
+    )?;
+    for part in [2, 0, 1] {
+        let g = grad.get(part)?;
+        let g = if part == 2 {
+            g
+        } else {
+            rope.apply_transposed(&g)?
+        };
+        let g = g
+            .reshape((seq.outer, seq.inner, heads, seq.len, dh))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .unsqueeze(3)?;
+        rows.slice_set(&g, 3, part)?;
+    }
+    drop(grad);
+    let rows = rows.reshape((seq.rows(), 3 * heads * dh))?;
+    let hn = hn()?;
+    let d = w.dim(1)?;
+    let dw = rows.t()?.matmul(&hn.reshape((seq.rows(), d))?)?;
+    let dhn = rows.matmul(w)?.reshape(hn.shape())?;
+    Ok((dhn, dw))
 }
 
 /// The backward of [`out_proj_residual`] without a graph (the fused op's, on the CPU):
@@ -209,10 +255,47 @@ pub fn out_proj_residual_backward(
     head_dim: usize,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    if !kernel_takes(&[fo, wo, grad]) {
+        return out_proj_residual_backward_composed(fo, wo, seq, head_dim, grad);
+    }
     match OutProj::new(fo, wo, seq, head_dim)?.backward(fo, wo, grad, true, true)? {
         (Some(dfo), Some(dwo)) => Ok((dfo, dwo)),
         _ => Err(Error::Msg("out_proj_residual_backward: no gradient".into())),
     }
+}
+
+/// [`out_proj_residual_backward`] from candle ops, on any device (the GPU's path): `d wo =
+/// gᵀ·o` with `o` the attention output in rows, `d o = g·wo` put back in `fo`'s head-major
+/// layout `[S, H, L, E]` (a zero log-sum-exp column when `E = Dh + 1`).
+pub fn out_proj_residual_backward_composed(
+    fo: &Tensor,
+    wo: &Tensor,
+    seq: SeqLayout,
+    head_dim: usize,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (s, heads, len, e) = fo.dims4()?;
+    let d = wo.dim(0)?;
+    let g2 = grad.reshape((seq.rows(), d))?;
+    let o = fo
+        .narrow(3, 0, head_dim)?
+        .reshape((seq.outer, seq.inner, heads, seq.len, head_dim))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?
+        .reshape((seq.rows(), heads * head_dim))?;
+    let dwo = g2.t()?.matmul(&o)?;
+    drop(o);
+    let mut dfo = g2
+        .matmul(wo)?
+        .reshape((seq.outer, seq.len, seq.inner, heads, head_dim))?
+        .permute((0, 2, 3, 1, 4))?
+        .contiguous()?
+        .reshape((s, heads, len, head_dim))?;
+    if e > head_dim {
+        let pad = Tensor::zeros((s, heads, len, e - head_dim), dfo.dtype(), dfo.device())?;
+        dfo = Tensor::cat(&[&dfo, &pad], 3)?;
+    }
+    Ok((dfo, dwo))
 }
 
 /// Forward op of [`qkv_rope`]: `(hn, w)` → `[3, S, H, L, Dh]`.

@@ -102,12 +102,37 @@ pub(crate) fn map_tensor<S: Into<candle_core::Shape>>(
     }
 }
 
+thread_local! {
+    /// Whether this thread's fused ops use their CPU kernels ([`with_composed_ops`]).
+    static FUSED_KERNELS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the fused ops' CPU kernels off on this thread: every fused op other than the
+/// attention takes its composed twin, and the blocks' hand-written backwards their composed
+/// backward, as on a GPU (whose only kernels are the attention's). For tests and A/B
+/// measurements of the GPU's path on a CPU; the results are the same up to rounding.
+pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
+    let before = FUSED_KERNELS.with(|k| k.replace(false));
+    let out = f();
+    FUSED_KERNELS.with(|k| k.set(before));
+    out
+}
+
+/// Whether the fused ops' CPU kernels are on for this thread (see [`with_composed_ops`]).
+pub(crate) fn fused_kernels_on() -> bool {
+    FUSED_KERNELS.with(|k| k.get())
+}
+
 /// Whether the CPU kernels of the fused ops take `ts`: all on the CPU, in f32 or f64, of one
-/// dtype. Anything else (another device, bf16, mixed dtypes) takes the op's composed twin.
+/// dtype, with the kernels on. Anything else (another device, bf16, mixed dtypes) takes the
+/// op's composed twin.
 pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
     let Some(first) = ts.first() else {
         return false;
     };
+    if !fused_kernels_on() {
+        return false;
+    }
     let dtype = first.dtype();
     matches!(dtype, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)

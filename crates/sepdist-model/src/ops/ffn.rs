@@ -72,6 +72,9 @@ fn fused_backward(
     gelu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (rows, din, dout) = dims(&x, w, b)?;
+    if !kernel_takes(&[&x, w, b, grad]) {
+        return composed_backward(x, w, grad, gelu, (rows, din, dout));
+    }
     let op = Linear {
         rows,
         din,
@@ -83,6 +86,58 @@ fn fused_backward(
         (Some(dx), Some(dw), Some(db)) => Ok((dx, dw, db)),
         _ => Err(Error::Msg("linear_bias_backward: no gradient".into())),
     }
+}
+
+/// Row chunks of the composed GELU backward: its temporaries are a quarter of the hidden
+/// activation each, not a whole one.
+const GELU_BACKWARD_CHUNKS: usize = 4;
+
+/// The backward of `act(x)·wᵀ + b` from candle ops, on any device (the GPU's path): `dw = gᵀ·a`,
+/// `db = Σ_rows g`, `dx = (g·w) ⊙ act'(x)`, `a = act(x)`. With GELU, row chunk by row chunk
+/// into one preallocated `dx`, so that `a`, `g·w` and `gelu'(x)` exist a chunk at a time.
+fn composed_backward(
+    x: Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    gelu: bool,
+    (rows, din, dout): (usize, usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let shape = x.shape().clone();
+    let x2 = x.reshape((rows, din))?;
+    drop(x);
+    let g2 = grad.reshape((rows, dout))?;
+    let db = super::bias::sum_rows(&g2)?;
+    if !gelu {
+        let dw = g2.t()?.matmul(&x2)?;
+        drop(x2);
+        let dx = g2.matmul(w)?.reshape(shape)?;
+        return Ok((dx, dw, db));
+    }
+    let dx = Tensor::zeros((rows, din), x2.dtype(), x2.device())?;
+    let chunk = rows.div_ceil(GELU_BACKWARD_CHUNKS).max(1);
+    let mut dw: Option<Tensor> = None;
+    for start in (0..rows).step_by(chunk) {
+        let n = chunk.min(rows - start);
+        let (xc, gc) = (x2.narrow(0, start, n)?, g2.narrow(0, start, n)?);
+        let part = gc.t()?.matmul(&xc.gelu_erf()?)?;
+        dw = Some(match dw {
+            Some(acc) => (acc + part)?,
+            None => part,
+        });
+        let dxc = (gc.matmul(w)? * gelu_erf_derivative(&xc)?)?;
+        dx.slice_set(&dxc, 0, start)?;
+    }
+    let dw = dw.ok_or_else(|| Error::Msg("gelu_linear_bias_backward: no rows".into()))?;
+    Ok((dx.reshape(shape)?, dw, db))
+}
+
+/// `d/dx gelu_erf(x) = ½(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π)` as candle's backward writes it
+/// (`0.398942` for `1/√(2π)`), so that the gradients stay the composition's and the fused
+/// kernel's.
+fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
+    let half_erf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? * 0.5)?;
+    let slope = ((x.sqr()? * -0.5)?.exp()? * x)? * 0.398942;
+    (slope? + 0.5)? + half_erf
 }
 
 fn dims(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {

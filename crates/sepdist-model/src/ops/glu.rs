@@ -138,5 +138,19 @@ pub fn glu_tanh_backward(h: &Tensor, grad: &Tensor, d: usize) -> Result<Tensor> 
             grad.dims()
         )));
     }
+    if !kernel_takes(&[h, grad]) {
+        return glu_tanh_backward_composed(h, grad, d);
+    }
     Glu { d }.backward_tensor(h, grad)
+}
+
+/// [`glu_tanh_backward`] from candle ops, on any device (the GPU's path): with `s = (tanh(z/2)
+/// + 1)/2`, `da = g·s` and `dz = g·a·(1 − tanh²(z/2))/4`, concatenated as `h` is.
+pub fn glu_tanh_backward_composed(h: &Tensor, grad: &Tensor, d: usize) -> Result<Tensor> {
+    let dim = h.rank() - 1;
+    let (a, z) = (h.narrow(dim, 0, d)?, h.narrow(dim, d, d)?);
+    let th = (z * 0.5)?.tanh()?;
+    let da = (grad * ((&th + 1.0)? * 0.5)?)?;
+    let dz = ((grad * a)? * ((th.sqr()?.neg()? + 1.0)? * 0.25)?)?;
+    Tensor::cat(&[&da, &dz], dim)
 }

@@ -210,7 +210,12 @@ fn backward_parts(
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let name = "grouped-linear-bwd";
     // The gradient of the pre-activation: a new buffer for tanh.
-    let gz = if tanh {
+    let gz = if tanh && !kernel_takes(&[y, &grad]) {
+        // Candle ops on any device (the GPU's path): `g ⊙ (1 − y²)`.
+        let gz = (&grad * (y.detach().sqr()?.neg()? + 1.0)?)?;
+        drop(grad);
+        gz
+    } else if tanh {
         let y = y.detach();
         let prod =
             |g: &[f32]| super::cpu::with_slice::<f32, _>(&y, name, |y| Ok(times_tanh_grad(g, y)));
@@ -222,7 +227,11 @@ fn backward_parts(
     } else {
         grad
     };
-    let dw = want[1].then(|| x.detach().t()?.matmul(&gz)).transpose()?;
+    // candle's CUDA batched matmul takes a transposed operand only with the contiguous batch
+    // stride (a copy if `x` is a view; free when contiguous).
+    let dw = want[1]
+        .then(|| x.detach().contiguous()?.t()?.matmul(&gz))
+        .transpose()?;
     let db = want[2].then(|| gz.sum(1)).transpose()?;
     let dx = want[0].then(|| gz.matmul(&w.detach().t()?)).transpose()?;
     Ok((dx, dw, db))

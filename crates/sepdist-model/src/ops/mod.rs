@@ -25,7 +25,7 @@ pub mod attention;
 mod attention_cuda;
 pub mod attn_proj;
 pub(crate) mod bias;
-mod cpu;
+pub(crate) mod cpu;
 pub mod ffn;
 pub mod glu;
 pub mod grouped_linear;
@@ -37,6 +37,7 @@ pub mod stft_l1;
 
 pub use attention::{flash_attention, flash_attention_packed, reference_attention};
 pub use attn_proj::{SeqLayout, out_proj_residual, qkv_rope};
+pub use cpu::with_composed_ops;
 pub use ffn::{gelu_linear_bias, linear_bias};
 pub use glu::glu_tanh;
 pub use grouped_linear::grouped_linear;

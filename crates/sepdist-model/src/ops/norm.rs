@@ -163,10 +163,37 @@ pub fn rms_norm_backward(
     grad: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
+    if !kernel_takes(&[x, gamma, grad]) {
+        return rms_norm_backward_composed(x, gamma, grad, eps);
+    }
     match backward_tensors(x, gamma, grad, eps, 1, true, true)? {
         (Some(dx), Some(dgamma)) => Ok((dx, dgamma)),
         _ => Err(Error::Msg("rms_norm_backward: no gradient".into())),
     }
+}
+
+/// [`rms_norm_backward`] from candle ops, on any device (16-bit inputs in f32): with
+/// `y = γ ⊙ x·r`, `r = (mean(x²) + ε)^(-1/2)`, `dγ = Σ_rows g ⊙ x·r` and
+/// `dx = r·(g⊙γ − x·r · mean(g⊙γ ⊙ x·r))`. About four activations above its inputs.
+pub fn rms_norm_backward_composed(
+    x: &Tensor,
+    gamma: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if is_half(x.dtype()) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (dx, dg) = rms_norm_backward_composed(&f(x)?, &f(gamma)?, &f(grad)?, eps)?;
+        return Ok((dx.to_dtype(x.dtype())?, dg.to_dtype(gamma.dtype())?));
+    }
+    let d = x.dim(D::Minus1)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xr = x.broadcast_mul(&r)?;
+    let dgamma = (grad * &xr)?.reshape(((), d))?.sum(0)?;
+    let g_gamma = grad.broadcast_mul(gamma)?;
+    let m = (&g_gamma * &xr)?.mean_keepdim(D::Minus1)?;
+    let dx = (g_gamma - xr.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
+    Ok((dx, dgamma))
 }
 
 fn backward_tensors(

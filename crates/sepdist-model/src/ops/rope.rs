@@ -108,4 +108,14 @@ impl Rope {
         let rotated = Tensor::cat(&[&x1.neg()?, &x0], D::Minus1)?.reshape((b, h, t, d))?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
+
+    /// The transpose of [`Rope::apply`] (its inverse: a rotation), for gradients: `g·cos −
+    /// rotate_half(g)·sin`. Not differentiable itself (a hand-written backward's step).
+    pub fn apply_transposed(&self, g: &Tensor) -> Result<Tensor> {
+        let neg_sin = Rope {
+            sin: self.sin.neg()?,
+            ..self.clone()
+        };
+        neg_sin.apply(&g.detach())
+    }
 }
