@@ -25,6 +25,11 @@ pub struct BenchArgs {
     /// local rank when this build has CUDA and it opens, else the CPU), cpu or cuda.
     #[arg(long, value_name = "DEVICE", value_parser = sepdist_config::DeviceChoice::NAMES)]
     pub device: Option<String>,
+    /// Run the fused ops as their composed twins (candle ops) with the blocks' composed
+    /// backwards, as a GPU runs them today (only the attention has CUDA kernels): the GPU's
+    /// memory and time on the CPU, for A/B against the fused kernels.
+    #[arg(long)]
+    pub composed_ops: bool,
 }
 
 fn gib(bytes: usize) -> f64 {
@@ -38,7 +43,12 @@ pub fn run(
     let overrides = crate::train_cmd::with_device(&args.overrides, args.device.as_deref());
     let config = load_file(&args.config, &overrides)?;
     let comm = crate::train_cmd::communicator(&config)?;
-    let r = bench(&config, args.steps, args.warmup, heap, comm.as_ref())?;
+    let run = || bench(&config, args.steps, args.warmup, heap, comm.as_ref());
+    let r = if args.composed_ops {
+        sepdist_model::ops::with_composed_ops(run)?
+    } else {
+        run()?
+    };
     if comm.rank() != 0 {
         return Ok(0);
     }
@@ -56,6 +66,9 @@ pub fn run(
         r.step_seconds.len(),
         args.warmup
     );
+    if args.composed_ops {
+        println!("ops                composed (as on a GPU: --composed-ops)");
+    }
     println!("median step        {step:9.4} s");
     println!("samples/s          {:9.3}", r.samples_per_second());
     for (name, seconds) in PHASES.iter().zip(r.phase_seconds) {
