@@ -1,9 +1,10 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 //! `sepdist bench --composed-ops`: the path a GPU runs today (the fused ops as their composed
-//! twins, the blocks' composed hand-written backwards, the attention's kernel) measured on the
-//! CPU. Its peak heap stays near the fused kernels' (1.08× kept, 1.24× checkpointed on this
+//! twins, the blocks' composed hand-written backwards, the attention's kernel, the STFT family's
+//! CPU kernels) measured on the
+//! CPU. Its peak heap stays near the fused kernels' (1.02× kept, 1.18× checkpointed on this
 //! 4-layer config when written): a regression to candle's graph through the composed ops, which
-//! a CUDA run took before the blocks' backwards ran on every device, needed 3.4–3.7×.
+//! a CUDA run took before the blocks' backwards ran on every device, needed 3.68×.
 
 mod common;
 use common::{ok, sepdist, text};
@@ -61,7 +62,7 @@ fn the_gpus_path_on_the_cpu_stays_near_the_fused_kernels_memory() {
             composed / 1e6
         );
         assert!(
-            ratio <= 1.4,
+            ratio <= 1.3,
             "checkpointing {checkpointing}: the composed path's peak heap is {ratio:.2}× the fused one's"
         );
     }

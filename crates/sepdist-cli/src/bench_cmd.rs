@@ -26,8 +26,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DEVICE", value_parser = sepdist_config::DeviceChoice::NAMES)]
     pub device: Option<String>,
     /// Run the fused ops as their composed twins (candle ops) with the blocks' composed
-    /// backwards, as a GPU runs them today (only the attention has CUDA kernels): the GPU's
-    /// memory and time on the CPU, for A/B against the fused kernels.
+    /// backwards, as a GPU runs them today (the attention has CUDA kernels, the STFT family runs
+    /// on the CPU): the GPU's memory on the CPU, for A/B against the fused kernels.
     #[arg(long)]
     pub composed_ops: bool,
 }

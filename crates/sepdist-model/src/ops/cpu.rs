@@ -108,9 +108,10 @@ thread_local! {
 }
 
 /// Runs `f` with the fused ops' CPU kernels off on this thread: every fused op other than the
-/// attention takes its composed twin, and the blocks' hand-written backwards their composed
-/// backward, as on a GPU (whose only kernels are the attention's). For tests and A/B
-/// measurements of the GPU's path on a CPU; the results are the same up to rounding.
+/// attention and the STFT family takes its composed twin, and the blocks' hand-written
+/// backwards their composed backward, as on a GPU (which has the attention's kernels and runs
+/// the STFT family's CPU kernels on copies). For tests and A/B measurements of the GPU's path
+/// on a CPU; the results are the same up to rounding.
 pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
     let before = FUSED_KERNELS.with(|k| k.replace(false));
     let out = f();
@@ -136,6 +137,37 @@ pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
     let dtype = first.dtype();
     matches!(dtype, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// Whether the STFT family's CPU kernels take `ts` wherever they are: f32 or f64, one dtype.
+/// Not switched off by [`with_composed_ops`]: a GPU runs them on the CPU too (see
+/// [`on_cpu_copy`]).
+pub(crate) fn stft_kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    matches!(first.dtype(), DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.dtype() == first.dtype())
+}
+
+/// `f` of copies of `ts` on the CPU, its result moved back to `ts[0]`'s device: differentiable
+/// (candle's copies pass the gradient back), with everything `f`'s graph keeps in host memory.
+/// For the STFT family's fused ops on a GPU until they have CUDA kernels; the identity's
+/// overhead on the CPU.
+pub(crate) fn on_cpu_copy(
+    ts: &[&candle_core::Tensor],
+    f: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    let Some(first) = ts.first() else {
+        return Err(Error::Msg("on_cpu_copy: no input".into()));
+    };
+    let dev = first.device().clone();
+    let cpu = candle_core::Device::Cpu;
+    let copies = ts
+        .iter()
+        .map(|t| t.to_device(&cpu))
+        .collect::<Result<Vec<_>>>()?;
+    f(&copies)?.to_device(&dev)
 }
 
 /// Whether `dtype` is a 16-bit float: its composed ops run their reductions in f32, as

@@ -15,7 +15,9 @@ use rayon::prelude::*;
 use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
-use super::cpu::{Real, cast, contiguous_slice, is_half, kernel_takes, unsupported_dtype};
+use super::cpu::{
+    Real, cast, contiguous_slice, is_half, on_cpu_copy, stft_kernel_takes, unsupported_dtype,
+};
 
 /// Smallest overlap-added squared window accepted by the iSTFT (torch uses the same bound).
 const ENVELOPE_MIN: f64 = 1e-11;
@@ -163,8 +165,12 @@ impl Stft {
             let (m, s) = (mask.to_dtype(DType::F32)?, spec.to_dtype(DType::F32)?);
             return self.inverse_masked(&m, &s, length)?.to_dtype(spec.dtype());
         }
-        if !kernel_takes(&[mask, spec]) {
+        if !stft_kernel_takes(&[mask, spec]) {
             return inverse_masked_composed(self, mask, spec, length);
+        }
+        if !mask.device().is_cpu() {
+            // No CUDA kernel yet: the CPU's on copies, the graph's saved tensors in host memory.
+            return on_cpu_copy(&[mask, spec], |c| self.inverse_masked(&c[0], &c[1], length));
         }
         let op = MaskedIstft {
             istft: SpecOp {

@@ -17,7 +17,8 @@ use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
 use super::cpu::{
-    Real, cast, contiguous_slice, in_f32, is_half, kernel_takes, map_tensor, unsupported_dtype,
+    Real, cast, contiguous_slice, in_f32, is_half, map_tensor, on_cpu_copy, stft_kernel_takes,
+    unsupported_dtype,
 };
 use super::stft::{Geometry, Stft, fft_error, overlap_add, reflect, window_as};
 
@@ -33,8 +34,12 @@ pub fn multi_stft_l1(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
     if is_half(x.dtype()) {
         return in_f32(x, |x| multi_stft_l1(x, stfts));
     }
-    if !kernel_takes(&[x]) {
+    if !stft_kernel_takes(&[x]) {
         return multi_stft_l1_composed(x, stfts);
+    }
+    if !x.device().is_cpu() {
+        // No CUDA kernel yet: the CPU's on a copy, the STFTs kept in host memory.
+        return on_cpu_copy(&[x], |c| multi_stft_l1(&c[0], stfts));
     }
     let geoms = stfts
         .iter()
