@@ -218,15 +218,10 @@ impl CustomOp3 for FlashAttn {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::attention_cuda::{Part, forward};
+        use super::attention_cuda::{Part, Sizes, forward};
         let (b, h, t, d) = l1.shape().dims4()?;
-        let name = self.name();
-        let (q, k, v) = (
-            Part::of(s1, l1, name)?,
-            Part::of(s2, l2, name)?,
-            Part::of(s3, l3, name)?,
-        );
-        let out = forward(q, k, v, b * h, t, d, self.scale)?;
+        let [q, k, v] = Part::three([(s1, l1), (s2, l2), (s3, l3)], self.name())?;
+        let out = forward(q, k, v, Sizes::of(l1, self.scale)?)?;
         Ok((out, Shape::from((b, h, t, d + 1))))
     }
 
@@ -290,11 +285,17 @@ impl CustomOp1 for FlashAttnPacked {
         s1: &candle_core::CudaStorage,
         l1: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::attention_cuda::{Part, forward};
+        use super::attention_cuda::{Part, Sizes, forward};
         let (_, b, h, t, d) = l1.shape().dims5()?;
         let n = b * h * t * d;
         let q = Part::of(s1, l1, self.name())?;
-        let out = forward(q, q.at(n), q.at(2 * n), b * h, t, d, self.scale)?;
+        let sizes = Sizes {
+            bh: b * h,
+            t,
+            d,
+            scale: self.scale,
+        };
+        let out = forward(q, q.at(n), q.at(2 * n), sizes)?;
         Ok((out, Shape::from((b, h, t, d + 1))))
     }
 
@@ -464,7 +465,7 @@ impl CustomOp3 for FlashAttnBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::attention_cuda::{Part, backward};
+        use super::attention_cuda::{Part, Sizes, backward};
         let (b, h, t, d) = l1.shape().dims4()?;
         let name = self.name();
         let (res_storage, res_layout) = self.res.storage_and_layout();
@@ -477,15 +478,10 @@ impl CustomOp3 for FlashAttnBwd {
             )));
         };
         let out = backward(
-            Part::of(s1, l1, name)?,
-            Part::of(s2, l2, name)?,
-            Part::of(s3, l3, name)?,
+            Part::three([(s1, l1), (s2, l2), (s3, l3)], name)?,
             Part::of(rs, res_layout, name)?,
             Part::of(gs, grad_layout, name)?,
-            b * h,
-            t,
-            d,
-            self.scale,
+            Sizes::of(l1, self.scale)?,
         )?;
         Ok((out, Shape::from((3, b, h, t, d))))
     }

@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Error, Layout, Result};
@@ -75,12 +75,65 @@ impl<'a> Part<'a> {
         Ok(Self { storage, offset })
     }
 
+    /// q, k and v, each `storage` at `layout` (contiguous).
+    pub(crate) fn three(inputs: [(&'a CudaStorage, &Layout); 3], op: &str) -> Result<[Self; 3]> {
+        let [q, k, v] = inputs;
+        Ok([
+            Self::of(q.0, q.1, op)?,
+            Self::of(k.0, k.1, op)?,
+            Self::of(v.0, v.1, op)?,
+        ])
+    }
+
     /// The same storage `elems` further on (k and v of a packed q ‖ k ‖ v).
     pub(crate) fn at(self, elems: usize) -> Self {
         Self {
             offset: self.offset + elems,
             ..self
         }
+    }
+}
+
+/// The problem's sizes: `bh` batch·head rows of `t` steps of head size `d`, and the scores'
+/// scale.
+#[derive(Clone, Copy)]
+pub(crate) struct Sizes {
+    pub bh: usize,
+    pub t: usize,
+    pub d: usize,
+    pub scale: f64,
+}
+
+impl Sizes {
+    /// The sizes of q `[B, H, T, Dh]` at `layout`, with the scores' `scale`.
+    pub(crate) fn of(layout: &Layout, scale: f64) -> Result<Self> {
+        let (b, h, t, d) = layout.shape().dims4()?;
+        Ok(Self {
+            bh: b * h,
+            t,
+            d,
+            scale,
+        })
+    }
+
+    /// Elements of q (or k, or v).
+    fn n(&self) -> usize {
+        self.bh * self.t * self.d
+    }
+
+    /// Elements of the output ‖ lse.
+    fn m(&self) -> usize {
+        self.bh * self.t * (self.d + 1)
+    }
+
+    /// The kernels' scalar arguments: T, Dh and the scale.
+    fn args(&self) -> Result<(i32, i32, f32)> {
+        let (t, d) = (self.t, self.d);
+        let ti =
+            i32::try_from(t).map_err(|_| Error::Msg(format!("attention: T = {t} too large")))?;
+        let di =
+            i32::try_from(d).map_err(|_| Error::Msg(format!("attention: Dh = {d} too large")))?;
+        Ok((ti, di, self.scale as f32))
     }
 }
 
@@ -105,12 +158,6 @@ fn launch_config(bh: usize, t: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn dims_i32(t: usize, d: usize) -> Result<(i32, i32)> {
-    let t = i32::try_from(t).map_err(|_| Error::Msg(format!("attention: T = {t} too large")))?;
-    let d = i32::try_from(d).map_err(|_| Error::Msg(format!("attention: Dh = {d} too large")))?;
-    Ok((t, d))
-}
-
 fn f32_slice<'a>(part: &Part<'a>, what: &str) -> Result<&'a CudaSlice<f32>> {
     match &part.storage.slice {
         CudaStorageSlice::F32(s) => Ok(s),
@@ -122,34 +169,38 @@ fn f32_slice<'a>(part: &Part<'a>, what: &str) -> Result<&'a CudaSlice<f32>> {
 }
 
 /// `[BH, T, d+1]` f32 (output ‖ lse) of q, k, v `[BH, T, d]` (f32 or bf16).
-pub(crate) fn forward(
-    q: Part,
-    k: Part,
-    v: Part,
-    bh: usize,
-    t: usize,
-    d: usize,
-    scale: f64,
-) -> Result<CudaStorage> {
+pub(crate) fn forward(q: Part, k: Part, v: Part, sizes: Sizes) -> Result<CudaStorage> {
     let dev = q.storage.device.clone();
-    let name = kernel_name("fwd", q.storage.dtype(), d)?;
+    let name = kernel_name("fwd", q.storage.dtype(), sizes.d)?;
     let out = match (&q.storage.slice, &k.storage.slice, &v.storage.slice) {
         (CudaStorageSlice::F32(qs), CudaStorageSlice::F32(ks), CudaStorageSlice::F32(vs)) => {
-            forward_typed(&dev, &name, [(qs, q), (ks, k), (vs, v)], bh, t, d, scale)?
+            forward_typed(&dev, &name, [(qs, q), (ks, k), (vs, v)], sizes)?
         }
         (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) => {
-            forward_typed(&dev, &name, [(qs, q), (ks, k), (vs, v)], bh, t, d, scale)?
+            forward_typed(&dev, &name, [(qs, q), (ks, k), (vs, v)], sizes)?
         }
-        _ => {
-            return Err(Error::Msg(format!(
-                "attention: q, k, v must be all f32 or all bf16 on CUDA, got {:?}, {:?}, {:?}",
-                q.storage.dtype(),
-                k.storage.dtype(),
-                v.storage.dtype()
-            )));
-        }
+        _ => return Err(mixed_dtypes("attention", [q, k, v])),
     };
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+fn mixed_dtypes(what: &str, parts: [Part; 3]) -> Error {
+    let [q, k, v] = parts.map(|p| p.storage.dtype());
+    Error::Msg(format!(
+        "{what}: q, k, v must be all f32 or all bf16 on CUDA, got {q:?}, {k:?}, {v:?}"
+    ))
+}
+
+/// q, k, v of one dtype `T` as views of `sizes.n()` elements from their offsets.
+fn views<'a, T>(
+    [(qs, q), (ks, k), (vs, v)]: [(&'a CudaSlice<T>, Part); 3],
+    n: usize,
+) -> [CudaView<'a, T>; 3] {
+    [
+        qs.slice(q.offset..q.offset + n),
+        ks.slice(k.offset..k.offset + n),
+        vs.slice(v.offset..v.offset + n),
+    ]
 }
 
 // Kernel launches are FFI calls: unsafe by nature, the argument lists checked by hand.
@@ -157,143 +208,88 @@ pub(crate) fn forward(
 fn forward_typed<T: DeviceRepr>(
     dev: &CudaDevice,
     name: &str,
-    [(qs, q), (ks, k), (vs, v)]: [(&CudaSlice<T>, Part); 3],
-    bh: usize,
-    t: usize,
-    d: usize,
-    scale: f64,
+    inputs: [(&CudaSlice<T>, Part); 3],
+    sizes: Sizes,
 ) -> Result<CudaSlice<f32>> {
-    let n = bh * t * d;
     let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-    let (qv, kv, vv) = (
-        qs.slice(q.offset..q.offset + n),
-        ks.slice(k.offset..k.offset + n),
-        vs.slice(v.offset..v.offset + n),
-    );
+    let [qv, kv, vv] = views(inputs, sizes.n());
     // SAFETY: every element is written by the kernel (each row's d outputs and its lse).
-    let out = unsafe { dev.alloc::<f32>(bh * t * (d + 1))? };
-    let (ti, di) = dims_i32(t, d)?;
-    let sc = scale as f32;
+    let out = unsafe { dev.alloc::<f32>(sizes.m())? };
+    let (t, d, scale) = sizes.args()?;
     let mut b = func.builder();
-    b.arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&out)
-        .arg(&ti)
-        .arg(&di)
-        .arg(&sc);
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&out);
+    b.arg(&t).arg(&d).arg(&scale);
     // SAFETY: the argument list matches flash_fwd_* in attention.cu; sizes checked above.
-    unsafe { b.launch(launch_config(bh, t)?) }.w()?;
+    unsafe { b.launch(launch_config(sizes.bh, sizes.t)?) }.w()?;
     Ok(out)
 }
 
 /// `[3, BH, T, d]` = (dq, dk, dv) in q's dtype, from q, k, v, the forward's f32 output ‖ lse
 /// `o` and its gradient `g` (both `[BH, T, d+1]`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
-    q: Part,
-    k: Part,
-    v: Part,
+    [q, k, v]: [Part; 3],
     o: Part,
     g: Part,
-    bh: usize,
-    t: usize,
-    d: usize,
-    scale: f64,
+    sizes: Sizes,
 ) -> Result<CudaStorage> {
     let dev = q.storage.device.clone();
-    let saved = (f32_slice(&o, "output")?, f32_slice(&g, "output gradient")?);
+    let m = sizes.m();
+    let saved = [
+        f32_slice(&o, "output")?.slice(o.offset..o.offset + m),
+        f32_slice(&g, "output gradient")?.slice(g.offset..g.offset + m),
+    ];
     let dtype = q.storage.dtype();
     match (&q.storage.slice, &k.storage.slice, &v.storage.slice) {
         (CudaStorageSlice::F32(qs), CudaStorageSlice::F32(ks), CudaStorageSlice::F32(vs)) => {
-            let out = backward_typed(
-                &dev,
-                dtype,
-                [(qs, q), (ks, k), (vs, v)],
-                saved,
-                [o, g],
-                bh,
-                t,
-                d,
-                scale,
-            )?;
+            let out = backward_typed(&dev, dtype, [(qs, q), (ks, k), (vs, v)], saved, sizes)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) => {
-            let out = backward_typed(
-                &dev,
-                dtype,
-                [(qs, q), (ks, k), (vs, v)],
-                saved,
-                [o, g],
-                bh,
-                t,
-                d,
-                scale,
-            )?;
+            let out = backward_typed(&dev, dtype, [(qs, q), (ks, k), (vs, v)], saved, sizes)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
-        _ => Err(Error::Msg(format!(
-            "attention backward: q, k, v must be all f32 or all bf16 on CUDA, got {:?}, {:?}, {:?}",
-            q.storage.dtype(),
-            k.storage.dtype(),
-            v.storage.dtype()
-        ))),
+        _ => Err(mixed_dtypes("attention backward", [q, k, v])),
     }
 }
 
-#[allow(clippy::too_many_arguments, unsafe_code)]
-fn backward_typed<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+// Kernel launches are FFI calls: unsafe by nature, the argument lists checked by hand.
+#[allow(unsafe_code)]
+fn backward_typed<T: DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     dtype: DType,
-    [(qs, q), (ks, k), (vs, v)]: [(&CudaSlice<T>, Part); 3],
-    (os, gs): (&CudaSlice<f32>, &CudaSlice<f32>),
-    [o, g]: [Part; 2],
-    bh: usize,
-    t: usize,
-    d: usize,
-    scale: f64,
+    inputs: [(&CudaSlice<T>, Part); 3],
+    [ov, gv]: [CudaView<'_, f32>; 2],
+    sizes: Sizes,
 ) -> Result<CudaSlice<T>> {
-    let n = bh * t * d;
-    let m = bh * t * (d + 1);
-    let dq_func = dev.get_or_load_custom_func(&kernel_name("bwd_dq", dtype, d)?, MODULE, ptx()?)?;
+    let n = sizes.n();
+    let dq_func =
+        dev.get_or_load_custom_func(&kernel_name("bwd_dq", dtype, sizes.d)?, MODULE, ptx()?)?;
     let dkdv_func =
-        dev.get_or_load_custom_func(&kernel_name("bwd_dkdv", dtype, d)?, MODULE, ptx()?)?;
-    let (qv, kv, vv) = (
-        qs.slice(q.offset..q.offset + n),
-        ks.slice(k.offset..k.offset + n),
-        vs.slice(v.offset..v.offset + n),
-    );
-    let (ov, gv) = (
-        os.slice(o.offset..o.offset + m),
-        gs.slice(g.offset..g.offset + m),
-    );
+        dev.get_or_load_custom_func(&kernel_name("bwd_dkdv", dtype, sizes.d)?, MODULE, ptx()?)?;
+    let [qv, kv, vv] = views(inputs, n);
     // SAFETY: the kernels write every element of dq, dk, dv and of delta.
     let mut out = unsafe { dev.alloc::<T>(3 * n)? };
-    let delta = unsafe { dev.alloc::<f32>(bh * t)? };
-    let (ti, di) = dims_i32(t, d)?;
-    let sc = scale as f32;
-    let cfg = launch_config(bh, t)?;
-    {
-        let (mut dq, mut rest) = out.split_at_mut(n);
-        let (mut dk, mut dv) = rest.split_at_mut(n);
-        let mut b = dq_func.builder();
-        b.arg(&qv)
-            .arg(&kv)
-            .arg(&vv)
-            .arg(&ov)
-            .arg(&gv)
-            .arg(&mut dq)
-            .arg(&delta);
-        b.arg(&ti).arg(&di).arg(&sc);
-        // SAFETY: the argument list matches flash_bwd_dq_* in attention.cu.
-        unsafe { b.launch(cfg) }.w()?;
-        let mut b = dkdv_func.builder();
-        b.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&gv).arg(&delta);
-        b.arg(&mut dk).arg(&mut dv).arg(&ti).arg(&di).arg(&sc);
-        // SAFETY: the argument list matches flash_bwd_dkdv_* in attention.cu; the dq kernel,
-        // which writes delta, ran before it on the same stream.
-        unsafe { b.launch(cfg) }.w()?;
-    }
+    let delta = unsafe { dev.alloc::<f32>(sizes.bh * sizes.t)? };
+    let (t, d, scale) = sizes.args()?;
+    let cfg = launch_config(sizes.bh, sizes.t)?;
+    let (mut dq, mut rest) = out.split_at_mut(n);
+    let (mut dk, mut dv) = rest.split_at_mut(n);
+    let mut b = dq_func.builder();
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&ov)
+        .arg(&gv)
+        .arg(&mut dq)
+        .arg(&delta);
+    b.arg(&t).arg(&d).arg(&scale);
+    // SAFETY: the argument list matches flash_bwd_dq_* in attention.cu.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut b = dkdv_func.builder();
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&gv).arg(&delta);
+    b.arg(&mut dk).arg(&mut dv).arg(&t).arg(&d).arg(&scale);
+    // SAFETY: the argument list matches flash_bwd_dkdv_* in attention.cu; the dq kernel,
+    // which writes delta, ran before it on the same stream.
+    unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
