@@ -326,13 +326,13 @@ pub fn fit_to(planner: &Planner, budget: u64) -> Result<Fit, TrainError> {
 pub fn fitted_after_failure(
     planner: &Planner,
     budget: u64,
-    measured: u64,
+    shortfall: f64,
     same_stage: bool,
 ) -> Result<Option<Prediction>, TrainError> {
     let current = planner.configured();
     let predicted = planner.predict(&current).peak;
-    let corrected = if measured > predicted && measured > 0 {
-        (budget as f64 * predicted as f64 / measured as f64) as u64
+    let corrected = if shortfall > 1.0 {
+        (budget as f64 / shortfall) as u64
     } else {
         budget
     };
@@ -585,6 +585,25 @@ pub fn is_cuda_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     e.downcast_ref::<TrainError>()
         .is_some_and(|t| t.cuda_out_of_memory().is_some())
+}
+
+/// How many times over the plan a failed step was (1 when the plan was not low): its measured
+/// peak over the predicted peak, or, when it failed in the first micro-batch's forward at block
+/// `reached.1` needing at least `reached.0` bytes, those bytes over the plan's prediction at
+/// that block ([`Prediction::forward_reached`]): a failure a few blocks in, still below the
+/// plan's peak, then shows how low the plan is. The refit divides the budget by it.
+pub fn shortfall(prediction: &Prediction, measured: u64, reached: Option<(u64, usize)>) -> f64 {
+    let mut factor = 1.0f64;
+    if measured > prediction.peak && prediction.peak > 0 {
+        factor = measured as f64 / prediction.peak as f64;
+    }
+    if let Some((bytes, block)) = reached {
+        let at = prediction.forward_reached(block);
+        if at > 0 {
+            factor = factor.max(bytes as f64 / at as f64);
+        }
+    }
+    factor
 }
 
 impl TrainError {
@@ -916,22 +935,52 @@ mod tests {
         let cfg = tiny();
         let p = planner(&cfg, 1).expect("planner");
         let peak = p.predict(&p.configured()).peak;
-        let best = fitted_after_failure(&p, peak * 3 / 4, peak, true)
+        let prediction = p.predict(&p.configured());
+        let best = fitted_after_failure(&p, peak * 3 / 4, shortfall(&prediction, peak, None), true)
             .expect("fit")
             .expect("a smaller setting fits");
         let s = &best.setting;
         assert_eq!(s.micro_batch * s.accumulation, 4);
         assert!(best.peak <= peak * 3 / 4 && s.micro_batch < 4, "{s:?}");
         // Measured 10 % above the plan: the plan of the refit must leave that much room.
-        let corrected = fitted_after_failure(&p, peak * 3 / 4, peak + peak / 10, true)
+        let over = shortfall(&prediction, peak + peak / 10, None);
+        let corrected = fitted_after_failure(&p, peak * 3 / 4, over, true)
             .expect("fit")
             .expect("fits");
         assert!(corrected.peak as f64 * 1.1 <= (peak * 3 / 4) as f64 * 1.001);
         // Nothing fits one byte.
         assert!(
-            fitted_after_failure(&p, 1, peak, true)
+            fitted_after_failure(&p, 1, 1.0, true)
                 .expect("fit")
                 .is_none()
         );
+    }
+
+    /// A failure part-way through the first forward, below the plan's peak, still scales the
+    /// plan: by what that block needed over what the plan predicted there.
+    #[test]
+    fn a_failure_early_in_the_forward_scales_the_plan_at_that_block() {
+        let cfg = tiny();
+        let p = planner(&cfg, 1).expect("planner");
+        let prediction = p.predict(&p.configured());
+        // Block 1 (the first transformer) needed three times the plan there.
+        let at = prediction.forward_reached(1);
+        assert!(at > prediction.forward_reached(0) && at < prediction.peak);
+        let needed = 3 * at;
+        let factor = shortfall(&prediction, needed, Some((needed, 1)));
+        assert!((factor - 3.0).abs() < 1e-9, "{factor}");
+        // Without the block: only the peak's ratio, below 3.
+        assert!(shortfall(&prediction, needed, None) < 3.0);
+        // A plan that was not low is not scaled.
+        assert_eq!(shortfall(&prediction, at / 2, Some((at / 2, 1))), 1.0);
+        // The refit leaves room for the factor.
+        let budget = prediction.peak;
+        if let Some(best) = fitted_after_failure(&p, budget, factor, true).expect("fit") {
+            assert!(
+                best.peak as f64 * 3.0 <= budget as f64 * 1.001,
+                "{:?}",
+                best.setting
+            );
+        }
     }
 }

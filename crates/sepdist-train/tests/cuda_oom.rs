@@ -297,7 +297,8 @@ fn an_out_of_memory_on_one_rank_stops_both_at_the_step_boundary_and_the_last_che
         "predicted peak in the",
         "the step is discarded on every rank: weights and optimizer state are those after step 2; the last checkpoint is ",
         "fitted setting for ",
-        "with the same effective batch 4, the plan scaled by the failure: more than ",
+        "with the same effective batch 4, the plan scaled by ",
+        "× (more than ",
         "stopping (training.on_oom: stop)",
     ] {
         assert!(

@@ -355,6 +355,22 @@ impl Prediction {
     pub fn persistent(&self) -> u64 {
         self.parameters + self.gradients + self.optimizer + self.runtime
     }
+
+    /// The predicted memory once the first micro-batch's forward has run the blocks up to
+    /// `block` (engine index, inclusive): the step's start, the mixture's context and what
+    /// those blocks keep. A failure part-way through the forward is measured against this, not
+    /// against the step's peak.
+    pub fn forward_reached(&self, block: usize) -> u64 {
+        let blocks: u64 = self.kept_per_block.iter().map(|(_, b)| b).sum();
+        let context = self.activations.saturating_sub(blocks + self.head_and_loss);
+        let kept: u64 = self
+            .kept_per_block
+            .iter()
+            .take(block.saturating_add(1))
+            .map(|(_, b)| b)
+            .sum();
+        self.persistent() + self.data + context + kept
+    }
 }
 
 /// Everything the planner needs that does not change between settings.

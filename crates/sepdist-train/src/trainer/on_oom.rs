@@ -23,6 +23,9 @@ struct RankFailure {
     limit: Option<u64>,
     /// Where and how an op ran out of CUDA memory on this rank.
     cuda: Option<String>,
+    /// A CUDA failure in the first micro-batch's forward: the bytes needed at least and the
+    /// block (engine index) where, for [`crate::oom::shortfall`].
+    reached: Option<(u64, usize)>,
     text: String,
 }
 
@@ -63,7 +66,13 @@ impl Trainer<'_> {
             peak: 0,
             limit: window.budget.map(|b| b as u64),
             cuda: None,
+            reached: None,
             text: String::new(),
+        };
+        // The first micro-batch's forward at a block: where the plan has a figure to compare.
+        let in_first_forward = |l: Option<crate::memory::Location>| {
+            l.filter(|l| l.phase == crate::memory::Phase::Forward && l.micro == Some(1))
+                .and_then(|l| l.block)
         };
         let text = &mut part.text;
         if window.over_budget() {
@@ -104,6 +113,12 @@ impl Trainer<'_> {
             part.limit = Some(part.limit.map_or(limit, |b| b.min(limit)));
             // At least one byte more than it had.
             part.peak = part.peak.max(limit.saturating_add(1));
+            // Only here: a budget is crossed inside a block, above what the plan has for the
+            // blocks done (their kept tensors), even when the plan is right; a CUDA failure
+            // this early means the plan is low.
+            if c.after_update_of.is_none() {
+                part.reached = in_first_forward(Some(c.at)).map(|b| (part.peak, b));
+            }
             let place = at(Some(c.at));
             let what = match c.after_update_of {
                 Some(updated) => format!(
@@ -193,7 +208,22 @@ impl Trainer<'_> {
             .min()
             .unwrap_or(0);
         let refit = self.cfg.training.on_oom == OnOom::Refit;
-        let fitted = fitted_after_failure(&planner, budget, measured, refit)?;
+        // The rank whose failure shows the plan lowest sets the correction.
+        let (shortfall, low) = over
+            .iter()
+            .map(|&r| {
+                (
+                    crate::oom::shortfall(&predicted, parts[r].peak, parts[r].reached),
+                    r,
+                )
+            })
+            .fold(
+                (1.0f64, None),
+                |best, (f, r)| {
+                    if f > best.0 { (f, Some(r)) } else { best }
+                },
+            );
+        let fitted = fitted_after_failure(&planner, budget, shortfall, refit)?;
         let g = current.micro_batch * current.accumulation * self.comm.world_size();
         let mut text: String = parts.iter().map(|p| p.text.as_str()).collect();
         let latest =
@@ -210,20 +240,35 @@ impl Trainer<'_> {
             Some(best) => {
                 // The plan was low: its figures are scaled by what was measured (for a CUDA
                 // out-of-memory, by the least the step needed: more than the rank had).
-                let corrected = if measured <= predicted.peak {
-                    String::new()
-                } else if cuda.is_empty() {
-                    format!(
-                        ", the plan scaled by the measured {} / predicted {}",
-                        format_bytes(measured),
-                        format_bytes(predicted.peak)
-                    )
-                } else {
-                    format!(
-                        ", the plan scaled by the failure: more than {} needed, {} predicted",
-                        format_bytes(budget),
-                        format_bytes(predicted.peak)
-                    )
+                let corrected = match low.map(|r| &parts[r]) {
+                    None => String::new(),
+                    Some(p) => {
+                        let (needed, predicted_there, place) = match p.reached {
+                            Some((bytes, block))
+                                if bytes as f64 / predicted.forward_reached(block) as f64
+                                    >= shortfall =>
+                            {
+                                (
+                                    bytes,
+                                    predicted.forward_reached(block),
+                                    format!(
+                                        " by the forward of {}",
+                                        names.get(block).map_or("?", |n| n.as_str())
+                                    ),
+                                )
+                            }
+                            _ => (p.peak, predicted.peak, String::new()),
+                        };
+                        let need = if p.cuda.is_some() {
+                            format!("more than {}", format_bytes(needed.saturating_sub(1)))
+                        } else {
+                            format_bytes(needed)
+                        };
+                        format!(
+                            ", the plan scaled by {shortfall:.2}× ({need} needed{place}, {} predicted)",
+                            format_bytes(predicted_there)
+                        )
+                    }
                 };
                 let _ = writeln!(
                     text,
