@@ -460,3 +460,32 @@ fn plan_fit_prints_overrides_writes_the_config_and_exits_3_when_nothing_fits() {
     assert!(stdout.contains("nothing fits 3.0 GB per rank"), "{stdout}");
     assert!(stdout.contains("more)"), "{stdout}");
 }
+
+/// On a GPU the trainer keeps the flat master copy, the gradient and AdamW's moments in host
+/// memory: the plan counts only the engine's weights (none under ZeRO-3), so ZeRO 1/2 change
+/// nothing on the device; the CPU's plan counts all of them.
+#[test]
+fn on_a_gpu_the_plan_counts_only_what_the_device_holds() {
+    let cfg = sepdist_config::load_file(Path::new("configs/musdb18_xlarge.yaml"), &[]).unwrap();
+    let gpu = Planner::new(&cfg, 4, DeviceSpec::new(DeviceKind::RtxPro6000, 1)).unwrap();
+    let base = gpu.configured();
+    let p0 = gpu.predict(&base);
+    assert_eq!(p0.parameters, p0.params * 4, "the weights as fp32 Vars");
+    assert_eq!((p0.gradients, p0.optimizer), (0, 0));
+    for stage in [1, 2] {
+        let p = gpu.predict(&sepdist_train::plan::Setting {
+            zero_stage: stage,
+            ..base.clone()
+        });
+        assert_eq!(p.persistent(), p0.persistent(), "ZeRO-{stage}");
+        assert_eq!(p.peak, p0.peak, "ZeRO-{stage}");
+    }
+    let p3 = gpu.predict(&sepdist_train::plan::Setting {
+        zero_stage: 3,
+        ..base.clone()
+    });
+    assert_eq!(p3.parameters, 0);
+    let cpu = Planner::new(&cfg, 4, DeviceSpec::new(DeviceKind::Cpu, 1)).unwrap();
+    let c0 = cpu.predict(&cpu.configured());
+    assert!(c0.parameters > p0.parameters && c0.gradients > 0 && c0.optimizer > 0);
+}

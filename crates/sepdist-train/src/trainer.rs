@@ -500,6 +500,16 @@ impl Trainer<'_> {
         let acc = t.gradient_accumulation_steps as u64;
         let left = (total * acc).saturating_sub(index * acc + 1);
         let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
+        if !self.engine.device().is_cpu() {
+            // The device holds the engine's parameters and the micro-batch's tensors; the flat
+            // master copy, gradient, AdamW state and the loader's batches are in host memory.
+            return crate::memory::KnownBuffers {
+                parameters: self.engine.param_copy_bytes(),
+                gradients: 0,
+                optimizer: 0,
+                data: audio,
+            };
+        }
         crate::memory::KnownBuffers {
             parameters: self.engine.param_copy_bytes() + self.flat.capacity() * f32s,
             gradients: (self.grads.capacity() + self.grad_shard.capacity()) * f32s,

@@ -517,7 +517,13 @@ impl Planner {
             es,
         );
         // Buffers of known size.
-        let (parameters, gradients, optimizer) = if stage >= 3 {
+        let gpu = self.device.kind.is_gpu();
+        let (parameters, gradients, optimizer) = if gpu {
+            // The trainer's flat fp32 master copy, flat gradient and AdamW moments (and ZeRO's
+            // shards of them) live in host memory; the device holds the engine's Vars (none
+            // under ZeRO-3, whose gathered pieces are in the replay).
+            (if stage >= 3 { 0 } else { n * es }, 0, 0)
+        } else if stage >= 3 {
             // This rank's shards of the fp32 parameters, gradient and moments; the gathered
             // pieces are in the micro-batch's replay.
             (padded / w * 4, padded / w * 4, 2 * (padded / w) * 4)
@@ -531,7 +537,7 @@ impl Planner {
         };
         // The EMA of the weights (`training.ema`) is an fp32 copy of this rank's shard.
         let optimizer = optimizer
-            + if cfg.training.ema.is_some() {
+            + if cfg.training.ema.is_some() && !gpu {
                 optimizer / 2
             } else {
                 0
@@ -556,7 +562,8 @@ impl Planner {
             (2 + prefetched) * audio - target
         };
         let runtime = self.device.gemm_slabs();
-        let buckets = if w > 1 && stage < 2 {
+        // On a GPU the gradient buckets are staged through host buffers (NCCL and MPI alike).
+        let buckets = if w > 1 && stage < 2 && !gpu {
             self.buckets_after()
         } else {
             Vec::new()
@@ -576,7 +583,10 @@ impl Planner {
         let backward_peak = persistent + data + target + micro.backward_peak;
         // Communication phase: buckets awaited (ZeRO 0/1), or ZeRO-2's reduce-scatter (a send
         // copy of the flat gradient and the shard received).
-        let comm_phase = if w > 1 && stage < 2 {
+        let comm_phase = if gpu {
+            // Host buffers (see `buckets`).
+            0
+        } else if w > 1 && stage < 2 {
             micro.comm_in_flight
         } else if w > 1 && stage == 2 {
             padded * 4 + padded / w * 4
@@ -586,7 +596,7 @@ impl Planner {
         };
         // Optimizer phase: ZeRO ≥ 1 all-gathers the parameters (this rank's shard copied
         // twice, the whole vector received); then each parameter is copied into its Var.
-        let opt_comm = if sharded && stage < 3 {
+        let opt_comm = if sharded && stage < 3 && !gpu {
             2 * shard * 4 + padded * 4
         } else {
             0

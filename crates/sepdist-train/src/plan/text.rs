@@ -30,7 +30,13 @@ pub fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
         out,
         "parameters",
         pr.parameters,
-        if stage >= 3 {
+        if p.device.kind.is_gpu() {
+            if stage >= 3 {
+                "none on the device (the master shard is in host memory; gathered pieces: in the activations and working set)".into()
+            } else {
+                "weights as Vars on the device (the flat fp32 master copy is in host memory)".into()
+            }
+        } else if stage >= 3 {
             "fp32 master shard (gathered pieces: in the activations and working set)".into()
         } else {
             "weights as Vars + the trainer's flat fp32 master copy".into()
@@ -41,6 +47,7 @@ pub fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
         "gradients",
         pr.gradients,
         match stage {
+            _ if p.device.kind.is_gpu() => "none on the device (host memory)".into(),
             3.. => "fp32 gradient shard (each piece's gradient reduce-scattered into it)".into(),
             2 if p.world > 1 => {
                 "flat fp32 gradient (kept whole: the backward accumulates into it) + shard".into()
@@ -52,19 +59,23 @@ pub fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
         out,
         "optimizer state",
         pr.optimizer,
-        format!(
-            "AdamW m and v, fp32, over {} the flat vector{}",
-            if stage >= 1 && p.world > 1 {
-                format!("1/{} of", p.world)
-            } else {
-                "all of".to_string()
-            },
-            if p.cfg.training.ema.is_some() {
-                ", and the EMA weights"
-            } else {
-                ""
-            }
-        ),
+        if p.device.kind.is_gpu() {
+            "none on the device (AdamW's moments are in host memory)".into()
+        } else {
+            format!(
+                "AdamW m and v, fp32, over {} the flat vector{}",
+                if stage >= 1 && p.world > 1 {
+                    format!("1/{} of", p.world)
+                } else {
+                    "all of".to_string()
+                },
+                if p.cfg.training.ema.is_some() {
+                    ", and the EMA weights"
+                } else {
+                    ""
+                }
+            )
+        },
     );
     row(
         out,
