@@ -66,12 +66,3 @@ impl CustomOp2 for BiasAdd {
         Ok((dy, db))
     }
 }
-
-/// The sum over the rows of `g` (`[rows, n]`), in f32 for a 16-bit `g` (see the module's note),
-/// in `g`'s dtype.
-pub(crate) fn sum_rows(g: &Tensor) -> Result<Tensor> {
-    if is_half(g.dtype()) {
-        return g.to_dtype(DType::F32)?.sum(0)?.to_dtype(g.dtype());
-    }
-    g.sum(0)
-}

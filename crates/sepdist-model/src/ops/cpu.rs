@@ -128,15 +128,7 @@ pub(crate) fn fused_kernels_on() -> bool {
 /// dtype, with the kernels on. Anything else (another device, bf16, mixed dtypes) takes the
 /// op's composed twin.
 pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
-    let Some(first) = ts.first() else {
-        return false;
-    };
-    if !fused_kernels_on() {
-        return false;
-    }
-    let dtype = first.dtype();
-    matches!(dtype, DType::F32 | DType::F64)
-        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+    fused_kernels_on() && stft_kernel_takes(ts) && ts.iter().all(|t| t.device().is_cpu())
 }
 
 /// Whether the STFT family's CPU kernels take `ts` wherever they are: f32 or f64, one dtype.
@@ -152,8 +144,8 @@ pub(crate) fn stft_kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
 
 /// `f` of copies of `ts` on the CPU, its result moved back to `ts[0]`'s device: differentiable
 /// (candle's copies pass the gradient back), with everything `f`'s graph keeps in host memory.
-/// For the STFT family's fused ops on a GPU until they have CUDA kernels; the identity's
-/// overhead on the CPU.
+/// For the STFT family's fused ops on a GPU until they have CUDA kernels; on the CPU, `f` of
+/// `ts` themselves.
 pub(crate) fn on_cpu_copy(
     ts: &[&candle_core::Tensor],
     f: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
@@ -161,6 +153,9 @@ pub(crate) fn on_cpu_copy(
     let Some(first) = ts.first() else {
         return Err(Error::Msg("on_cpu_copy: no input".into()));
     };
+    if ts.iter().all(|t| t.device().is_cpu()) {
+        return f(&ts.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
+    }
     let dev = first.device().clone();
     let cpu = candle_core::Device::Cpu;
     let copies = ts

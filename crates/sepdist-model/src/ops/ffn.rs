@@ -11,7 +11,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::cpu::unsupported_dtype;
-use super::cpu::{Real, contiguous_offset, contiguous_slice, kernel_takes, map_tensor, matmul_cpu};
+use super::cpu::{
+    Real, contiguous_offset, contiguous_slice, in_f32, kernel_takes, map_tensor, matmul_cpu,
+};
 
 /// `x · wᵀ + b`: `x` `[.., Din]`, `w` `[Dout, Din]` (PyTorch's out × in), `b` `[Dout]`;
 /// returns `[.., Dout]`. Differentiable in all three.
@@ -106,7 +108,8 @@ fn composed_backward(
     let x2 = x.reshape((rows, din))?;
     drop(x);
     let g2 = grad.reshape((rows, dout))?;
-    let db = super::bias::sum_rows(&g2)?;
+    // The bias' gradient summed in f32 for bf16 (see `bias`).
+    let db = in_f32(&g2, |g| g.sum(0))?;
     if !gelu {
         let dw = g2.t()?.matmul(&x2)?;
         drop(x2);

@@ -81,9 +81,20 @@ impl Rope {
     /// tables) is rotated in the tables' dtype and cast back, as PyTorch's rotary embedding
     /// does under autocast.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.rotate(x, false)
+    }
+
+    /// The transpose of [`Rope::apply`] (its inverse: a rotation), for gradients: `g·cos −
+    /// rotate_half(g)·sin`. Not differentiable itself (a hand-written backward's step).
+    pub fn apply_transposed(&self, g: &Tensor) -> Result<Tensor> {
+        self.rotate(&g.detach(), true)
+    }
+
+    /// `x·cos ± rotate_half(x)·sin`: the rotation, or its transpose.
+    fn rotate(&self, x: &Tensor, transposed: bool) -> Result<Tensor> {
         if x.dtype() != self.cos.dtype() {
             return self
-                .apply(&x.to_dtype(self.cos.dtype())?)?
+                .rotate(&x.to_dtype(self.cos.dtype())?, transposed)?
                 .to_dtype(x.dtype());
         }
         let (b, h, t, d) = x.dims4()?;
@@ -106,16 +117,11 @@ impl Rope {
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
         let x1 = pairs.narrow(D::Minus1, 1, 1)?;
         let rotated = Tensor::cat(&[&x1.neg()?, &x0], D::Minus1)?.reshape((b, h, t, d))?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-    }
-
-    /// The transpose of [`Rope::apply`] (its inverse: a rotation), for gradients: `g·cos −
-    /// rotate_half(g)·sin`. Not differentiable itself (a hand-written backward's step).
-    pub fn apply_transposed(&self, g: &Tensor) -> Result<Tensor> {
-        let neg_sin = Rope {
-            sin: self.sin.neg()?,
-            ..self.clone()
-        };
-        neg_sin.apply(&g.detach())
+        let (straight, turned) = (x.broadcast_mul(&cos)?, rotated.broadcast_mul(&sin)?);
+        if transposed {
+            straight - turned
+        } else {
+            straight + turned
+        }
     }
 }

@@ -10,13 +10,14 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Error, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
 use super::cpu::{
-    Real, cast, contiguous_slice, is_half, on_cpu_copy, stft_kernel_takes, unsupported_dtype,
+    Real, cast, contiguous_slice, in_f32, is_half, on_cpu_copy, stft_kernel_takes,
+    unsupported_dtype,
 };
 
 /// Smallest overlap-added squared window accepted by the iSTFT (torch uses the same bound).
@@ -412,17 +413,9 @@ fn conj_product_sum<T: Real>(g: &[T], m: &[T], s: usize, per: usize) -> Vec<T> {
 /// transformed in f32 and the result cast back (the kernels are f32 and f64; an FFT in bf16
 /// would lose the small bins).
 fn apply_on_cpu(x: &Tensor, op: SpecOp) -> Result<Tensor> {
-    if is_half(x.dtype()) {
-        return apply_on_cpu(&x.to_dtype(DType::F32)?, op)?.to_dtype(x.dtype());
-    }
-    if x.device().is_cpu() {
-        return x.contiguous()?.apply_op1(op);
-    }
-    let dev = x.device().clone();
-    x.to_device(&Device::Cpu)?
-        .contiguous()?
-        .apply_op1(op)?
-        .to_device(&dev)
+    in_f32(x, |x| {
+        on_cpu_copy(&[x], |c| c[0].contiguous()?.apply_op1(op))
+    })
 }
 
 /// Everything a kernel needs: transform sizes, window, signal length and frame count.
