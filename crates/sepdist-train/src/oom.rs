@@ -592,18 +592,44 @@ pub fn is_cuda_out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
 /// `reached.1` needing at least `reached.0` bytes, those bytes over the plan's prediction at
 /// that block ([`Prediction::forward_reached`]): a failure a few blocks in, still below the
 /// plan's peak, then shows how low the plan is. The refit divides the budget by it.
-pub fn shortfall(prediction: &Prediction, measured: u64, reached: Option<(u64, usize)>) -> f64 {
-    let mut factor = 1.0f64;
+pub fn shortfall(
+    prediction: &Prediction,
+    measured: u64,
+    reached: Option<(u64, usize)>,
+) -> Shortfall {
+    let mut low = Shortfall {
+        factor: 1.0,
+        needed: measured,
+        predicted: prediction.peak,
+        block: None,
+    };
     if measured > prediction.peak && prediction.peak > 0 {
-        factor = measured as f64 / prediction.peak as f64;
+        low.factor = measured as f64 / prediction.peak as f64;
     }
     if let Some((bytes, block)) = reached {
         let at = prediction.forward_reached(block);
-        if at > 0 {
-            factor = factor.max(bytes as f64 / at as f64);
+        if at > 0 && bytes as f64 / at as f64 > low.factor {
+            low = Shortfall {
+                factor: bytes as f64 / at as f64,
+                needed: bytes,
+                predicted: at,
+                block: Some(block),
+            };
         }
     }
-    factor
+    low
+}
+
+/// What [`shortfall`] found: the factor and the two figures it is the ratio of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shortfall {
+    /// `needed / predicted`, at least 1.
+    pub factor: f64,
+    pub needed: u64,
+    pub predicted: u64,
+    /// The block of the first micro-batch's forward the figures are at; `None`: the step's
+    /// peak.
+    pub block: Option<usize>,
 }
 
 impl TrainError {
@@ -936,14 +962,19 @@ mod tests {
         let p = planner(&cfg, 1).expect("planner");
         let peak = p.predict(&p.configured()).peak;
         let prediction = p.predict(&p.configured());
-        let best = fitted_after_failure(&p, peak * 3 / 4, shortfall(&prediction, peak, None), true)
-            .expect("fit")
-            .expect("a smaller setting fits");
+        let best = fitted_after_failure(
+            &p,
+            peak * 3 / 4,
+            shortfall(&prediction, peak, None).factor,
+            true,
+        )
+        .expect("fit")
+        .expect("a smaller setting fits");
         let s = &best.setting;
         assert_eq!(s.micro_batch * s.accumulation, 4);
         assert!(best.peak <= peak * 3 / 4 && s.micro_batch < 4, "{s:?}");
         // Measured 10 % above the plan: the plan of the refit must leave that much room.
-        let over = shortfall(&prediction, peak + peak / 10, None);
+        let over = shortfall(&prediction, peak + peak / 10, None).factor;
         let corrected = fitted_after_failure(&p, peak * 3 / 4, over, true)
             .expect("fit")
             .expect("fits");
@@ -967,12 +998,15 @@ mod tests {
         let at = prediction.forward_reached(1);
         assert!(at > prediction.forward_reached(0) && at < prediction.peak);
         let needed = 3 * at;
-        let factor = shortfall(&prediction, needed, Some((needed, 1)));
+        let factor = shortfall(&prediction, needed, Some((needed, 1))).factor;
         assert!((factor - 3.0).abs() < 1e-9, "{factor}");
         // Without the block: only the peak's ratio, below 3.
-        assert!(shortfall(&prediction, needed, None) < 3.0);
+        assert!(shortfall(&prediction, needed, None).factor < 3.0);
         // A plan that was not low is not scaled.
-        assert_eq!(shortfall(&prediction, at / 2, Some((at / 2, 1))), 1.0);
+        assert_eq!(
+            shortfall(&prediction, at / 2, Some((at / 2, 1))).factor,
+            1.0
+        );
         // The refit leaves room for the factor.
         let budget = prediction.peak;
         if let Some(best) = fitted_after_failure(&p, budget, factor, true).expect("fit") {

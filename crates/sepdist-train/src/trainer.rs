@@ -492,14 +492,6 @@ impl Trainer<'_> {
             * 2
             * cfg.dataset.segment_length
             * f32s;
-        // Batches the loader holds ready at the step's first micro-batch.
-        let t = &cfg.training;
-        let total = t
-            .max_steps
-            .unwrap_or(t.epochs as u64 * self.schedule.steps_per_epoch());
-        let acc = t.gradient_accumulation_steps as u64;
-        let left = (total * acc).saturating_sub(index * acc + 1);
-        let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
         if !self.engine.device().is_cpu() {
             // The device holds the engine's parameters and the micro-batch's tensors; the flat
             // master copy, gradient, AdamW state and the loader's batches are in host memory.
@@ -510,6 +502,14 @@ impl Trainer<'_> {
                 data: audio,
             };
         }
+        // Batches the loader holds ready at the step's first micro-batch.
+        let t = &cfg.training;
+        let total = t
+            .max_steps
+            .unwrap_or(t.epochs as u64 * self.schedule.steps_per_epoch());
+        let acc = t.gradient_accumulation_steps as u64;
+        let left = (total * acc).saturating_sub(index * acc + 1);
+        let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(left) as usize;
         crate::memory::KnownBuffers {
             parameters: self.engine.param_copy_bytes() + self.flat.capacity() * f32s,
             gradients: (self.grads.capacity() + self.grad_shard.capacity()) * f32s,

@@ -209,21 +209,16 @@ impl Trainer<'_> {
             .unwrap_or(0);
         let refit = self.cfg.training.on_oom == OnOom::Refit;
         // The rank whose failure shows the plan lowest sets the correction.
-        let (shortfall, low) = over
+        let low = over
             .iter()
             .map(|&r| {
-                (
-                    crate::oom::shortfall(&predicted, parts[r].peak, parts[r].reached),
-                    r,
-                )
+                let s = crate::oom::shortfall(&predicted, parts[r].peak, parts[r].reached);
+                (s, parts[r].cuda.is_some())
             })
-            .fold(
-                (1.0f64, None),
-                |best, (f, r)| {
-                    if f > best.0 { (f, Some(r)) } else { best }
-                },
-            );
-        let fitted = fitted_after_failure(&planner, budget, shortfall, refit)?;
+            .filter(|(s, _)| s.factor > 1.0)
+            .max_by(|a, b| a.0.factor.total_cmp(&b.0.factor));
+        let factor = low.map_or(1.0, |(s, _)| s.factor);
+        let fitted = fitted_after_failure(&planner, budget, factor, refit)?;
         let g = current.micro_batch * current.accumulation * self.comm.world_size();
         let mut text: String = parts.iter().map(|p| p.text.as_str()).collect();
         let latest =
@@ -240,33 +235,25 @@ impl Trainer<'_> {
             Some(best) => {
                 // The plan was low: its figures are scaled by what was measured (for a CUDA
                 // out-of-memory, by the least the step needed: more than the rank had).
-                let corrected = match low.map(|r| &parts[r]) {
+                let corrected = match low {
                     None => String::new(),
-                    Some(p) => {
-                        let (needed, predicted_there, place) = match p.reached {
-                            Some((bytes, block))
-                                if bytes as f64 / predicted.forward_reached(block) as f64
-                                    >= shortfall =>
-                            {
-                                (
-                                    bytes,
-                                    predicted.forward_reached(block),
-                                    format!(
-                                        " by the forward of {}",
-                                        names.get(block).map_or("?", |n| n.as_str())
-                                    ),
-                                )
-                            }
-                            _ => (p.peak, predicted.peak, String::new()),
-                        };
-                        let need = if p.cuda.is_some() {
-                            format!("more than {}", format_bytes(needed.saturating_sub(1)))
+                    Some((s, cuda)) => {
+                        let place = s.block.map_or(String::new(), |b| {
+                            format!(
+                                " by the forward of {}",
+                                names.get(b).map_or("?", |n| n.as_str())
+                            )
+                        });
+                        // A CUDA failure's figure is one byte more than the rank had.
+                        let need = if cuda {
+                            format!("more than {}", format_bytes(s.needed.saturating_sub(1)))
                         } else {
-                            format_bytes(needed)
+                            format_bytes(s.needed)
                         };
                         format!(
-                            ", the plan scaled by {shortfall:.2}× ({need} needed{place}, {} predicted)",
-                            format_bytes(predicted_there)
+                            ", the plan scaled by {:.2}× ({need} needed{place}, {} predicted)",
+                            s.factor,
+                            format_bytes(s.predicted)
                         )
                     }
                 };
