@@ -24,20 +24,7 @@ fn data_root() -> PathBuf {
 /// `sepdist train` on the tiny config into `out`, with `--set` overrides, more arguments and
 /// environment.
 fn train(out: &Path, sets: &[&str], args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = sepdist();
-    cmd.args(["train", "--config", TINY])
-        .arg("--set")
-        .arg(format!("training.output_dir={}", out.display()))
-        .arg("--set")
-        .arg(format!("dataset.root={}", data_root().display()))
-        .args(args);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    common::train_on(TINY, &data_root(), out, sets, args, env)
 }
 
 fn records(out: &Path, kind: &str) -> Vec<serde_json::Value> {

@@ -6,7 +6,7 @@
 //! setting and ends where a run started with that setting ends.
 
 mod common;
-use common::{ok, rel_diff, sepdist, text, weights};
+use common::{ok, rel_diff, text, weights};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
@@ -26,20 +26,8 @@ fn data_root() -> PathBuf {
 
 /// `sepdist train` on the tiny config with BASE, writing to `out`, plus `sets` and `args`.
 fn train(out: &Path, sets: &[&str], args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = sepdist();
-    cmd.args(["train", "--config", TINY])
-        .arg("--set")
-        .arg(format!("training.output_dir={}", out.display()))
-        .arg("--set")
-        .arg(format!("dataset.root={}", data_root().display()));
-    for s in BASE.iter().chain(sets) {
-        cmd.args(["--set", s]);
-    }
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    let sets: Vec<&str> = BASE.iter().chain(sets).copied().collect();
+    common::train_on(TINY, &data_root(), out, &sets, args, env)
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {

@@ -24,20 +24,7 @@ fn train(out: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// [`train`] with more arguments (`--resume auto`, `--init-from DIR`).
 fn train_with(out: &Path, sets: &[&str], args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = sepdist();
-    cmd.args(["train", "--config", TINY])
-        .arg("--set")
-        .arg(format!("training.output_dir={}", out.display()))
-        .arg("--set")
-        .arg(format!("dataset.root={}", data_root().display()))
-        .args(args);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    common::train_on(TINY, &data_root(), out, sets, args, env)
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

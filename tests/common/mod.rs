@@ -36,6 +36,32 @@ pub fn ok(out: &Output) {
     );
 }
 
+/// `sepdist train --config CONFIG` on the dataset at `root`, writing to `out`, with `--set`
+/// overrides `sets`, more arguments and environment.
+pub fn train_on(
+    config: &str,
+    root: &Path,
+    out: &Path,
+    sets: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = sepdist();
+    cmd.args(["train", "--config", config])
+        .arg("--set")
+        .arg(format!("training.output_dir={}", out.display()))
+        .arg("--set")
+        .arg(format!("dataset.root={}", root.display()))
+        .args(args);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
 /// The small synthetic dataset of `tests/fixtures/tiny.yaml` (4 tracks of 1 s at 8 kHz),
 /// generated once per test process under a name unique to `tag`.
 pub fn tiny_dataset(tag: &str) -> PathBuf {

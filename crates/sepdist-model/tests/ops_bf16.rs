@@ -8,7 +8,7 @@ mod ops_util;
 use candle_core::{DType, Result, Tensor, Var};
 use ops_util::{max_abs, max_abs_diff, uniform};
 use sepdist_model::ops::{
-    Rope, SeqLayout, Stft, flash_attention, flash_attention_packed, gelu_linear_bias, glu_tanh,
+    Rope, Stft, flash_attention, flash_attention_packed, gelu_linear_bias, glu_tanh,
     grouped_linear, linear_bias, logsumexp_last_dim, multi_stft_l1, out_proj_residual, qkv_rope,
     reference_attention, rms_norm, rms_norm_groups, softmax_last_dim,
 };
@@ -115,19 +115,8 @@ fn ops_bf16_attention_and_its_projections_match_f32() -> Result<()> {
         )?;
     }
     let (heads, dh, d) = (2, 8, 16);
-    let layouts = [
-        SeqLayout {
-            outer: 2,
-            len: 5,
-            inner: 3,
-        },
-        SeqLayout {
-            outer: 4,
-            len: 6,
-            inner: 1,
-        },
-    ];
-    for seq in layouts {
+    // The time-like and band-like layouts.
+    for seq in ops_util::layouts().into_iter().take(2) {
         let qkv = |a: &[Tensor]| {
             let rope = Rope::new(8, dh, 10_000.0, a[0].device(), DType::F32)?;
             qkv_rope(&a[0], &a[1], &rope, seq, heads)

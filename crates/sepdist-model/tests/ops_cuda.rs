@@ -19,7 +19,7 @@ use ops_util::{max_abs, max_abs_diff, uniform};
 use sepdist_config::{Bands, LossConfig, ModelConfig};
 use sepdist_model::loss::SeparationLoss;
 use sepdist_model::ops::{
-    Rope, SeqLayout, Stft, flash_attention, flash_attention_packed, gelu_linear_bias, glu_tanh,
+    Rope, Stft, flash_attention, flash_attention_packed, gelu_linear_bias, glu_tanh,
     grouped_linear, linear_bias, logsumexp_last_dim, multi_stft_l1, out_proj_residual, qkv_rope,
     reference_attention, rms_norm, rms_norm_groups, softmax_last_dim,
 };
@@ -213,32 +213,11 @@ fn ops_cuda_softmax_rope_equal_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// Time-like (several sequences interleaved in the rows), band-like and one-row layouts.
-fn layouts() -> [SeqLayout; 3] {
-    [
-        SeqLayout {
-            outer: 2,
-            len: 5,
-            inner: 3,
-        },
-        SeqLayout {
-            outer: 4,
-            len: 6,
-            inner: 1,
-        },
-        SeqLayout {
-            outer: 1,
-            len: 1,
-            inner: 2,
-        },
-    ]
-}
-
 #[test]
 fn ops_cuda_qkv_rope_equals_the_cpu() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
     let (heads, dh, d) = (2, 4, 6);
-    for seq in layouts() {
+    for seq in ops_util::layouts() {
         let f = |a: &[Tensor], dv: &Device| {
             let rope = Rope::new(8, dh, 10_000.0, dv, DType::F32)?;
             qkv_rope(&a[0], &a[1], &rope, seq, heads)
@@ -312,7 +291,7 @@ fn ops_cuda_attention_equals_the_cpu() -> Result<()> {
 fn ops_cuda_out_proj_residual_equals_the_cpu() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
     let (heads, dh, d) = (2, 4, 6);
-    for seq in layouts() {
+    for seq in ops_util::layouts() {
         // E = Dh (plain output) and Dh + 1 (output ‖ lse, whose last column is ignored).
         for extra in [0, 1] {
             let f = |a: &[Tensor], _: &Device| out_proj_residual(&a[0], &a[1], &a[2], seq, dh);

@@ -165,31 +165,10 @@ fn ops_fused_grouped_rms_norm_equals_norm_then_gain() -> Result<()> {
     Ok(())
 }
 
-/// Time-like (several sequences interleaved in the rows) and band-like layouts.
-fn layouts() -> [SeqLayout; 3] {
-    [
-        SeqLayout {
-            outer: 2,
-            len: 5,
-            inner: 3,
-        },
-        SeqLayout {
-            outer: 4,
-            len: 6,
-            inner: 1,
-        },
-        SeqLayout {
-            outer: 1,
-            len: 1,
-            inner: 2,
-        },
-    ]
-}
-
 #[test]
 fn ops_fused_qkv_rope_equals_the_composition_and_finite_differences() -> Result<()> {
     let (heads, dh, d) = (2, 4, 6);
-    for seq in layouts() {
+    for seq in ops_util::layouts() {
         for dtype in [DType::F64, DType::F32] {
             let rope = Rope::new(8, dh, 10_000.0, &Device::Cpu, dtype)?;
             let fused = |a: &[Tensor]| qkv_rope(&a[0], &a[1], &rope, seq, heads);
@@ -245,7 +224,7 @@ fn ops_fused_packed_flash_equals_flash_on_the_parts() -> Result<()> {
 #[test]
 fn ops_fused_out_proj_residual_equals_the_composition_and_finite_differences() -> Result<()> {
     let (heads, dh, d) = (2, 4, 6);
-    for seq in layouts() {
+    for seq in ops_util::layouts() {
         for extra in [0, 1] {
             let fused = |a: &[Tensor]| out_proj_residual(&a[0], &a[1], &a[2], seq, dh);
             let composed = |a: &[Tensor]| out_proj_residual_composed(&a[0], &a[1], &a[2], seq, dh);

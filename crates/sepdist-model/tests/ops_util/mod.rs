@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use sepdist_model::ops::SeqLayout;
 
 /// Uniform in [-1, 1), seeded, of the given shape and dtype.
 pub fn uniform(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
@@ -62,4 +63,26 @@ where
         worst = worst.max((fd - g[i]).abs() / (1.0 + fd.abs()));
     }
     Ok(worst)
+}
+
+/// Time-like (several sequences interleaved in the rows), band-like and one-row layouts of
+/// the fused projections' rows.
+pub fn layouts() -> [SeqLayout; 3] {
+    [
+        SeqLayout {
+            outer: 2,
+            len: 5,
+            inner: 3,
+        },
+        SeqLayout {
+            outer: 4,
+            len: 6,
+            inner: 1,
+        },
+        SeqLayout {
+            outer: 1,
+            len: 1,
+            inner: 2,
+        },
+    ]
 }
