@@ -28,6 +28,9 @@ usage: launch/gpu-check.sh [options]
   --set KEY=VALUE      extra override for plan, bench and train (repeatable)
   --steps N            timed bench steps (default 20); --warmup N (default 2)
   --train-steps N      training steps (default 20; 0 skips training)
+  --profile-steps N    timed steps of `sepdist bench --profile` after the bench (the step split
+                       by block kind, the device synchronized at block boundaries; default 2;
+                       0 skips)
   --budget SIZE        memory budget for `plan --fit` (default: the GPU's free memory; cpu:
                        the plan's MemAvailable)
   --time-budget S      seconds for the whole check (default 450)
@@ -60,6 +63,7 @@ budget=""
 time_budget=450
 oom_batch=32
 xlarge_steps=2
+profile_steps=2
 out=${OUT:-}
 
 need() {
@@ -86,6 +90,7 @@ while [[ $# -gt 0 ]]; do
         --out) need "$@"; out=$2; shift 2 ;;
         --oom-batch) need "$@"; oom_batch=$2; shift 2 ;;
         --xlarge-steps) need "$@"; xlarge_steps=$2; shift 2 ;;
+        --profile-steps) need "$@"; profile_steps=$2; shift 2 ;;
         *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -93,7 +98,7 @@ case "$device" in
     cuda | cpu) ;;
     *) echo "gpu-check: --device must be cuda or cpu, not '$device'" >&2; exit 2 ;;
 esac
-for n in "$steps" "$warmup" "$train_steps" "$time_budget" "$oom_batch" "$xlarge_steps"; do
+for n in "$steps" "$warmup" "$train_steps" "$time_budget" "$oom_batch" "$xlarge_steps" "$profile_steps"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "gpu-check: '$n' is not a whole number" >&2; exit 2; }
 done
 
@@ -404,6 +409,14 @@ if [[ $quick -eq 0 ]]; then
             fail "sepdist plan of micro-batch $mb × accumulation $acc failed"
     fi
 
+    # Where the step goes, block kind by block kind (a run of its own: the synchronization
+    # at every block boundary would slow the bench's figures).
+    if [[ $profile_steps -gt 0 && ($bench_ok -eq 1 || $dry -eq 1) ]]; then
+        run_stage "profile" 120 "$out/profile.log" "$S" bench "${dev_flag[@]}" "${common[@]}" \
+            "${run_sets[@]}" --steps "$profile_steps" --warmup 1 --profile ||
+            fail "sepdist bench --profile failed"
+    fi
+
     # A bench too slow for its time still lets the training steps measure the rate.
     if [[ $train_steps -eq 0 ]]; then
         note "train not run (--train-steps 0)"
@@ -500,7 +513,8 @@ if [[ $quick -eq 0 && $xlarge_steps -gt 0 ]]; then
     if [[ $dry -eq 0 ]]; then
         tail_part=$(tail -n +"$((mark + 1))" "$xlarge_log")
         seen=$(grep -cE '^epoch [0-9]+ step [0-9]+/[0-9]+: loss=' <<<"$tail_part")
-        refits=$(grep -ci 'refit' <<<"$tail_part")
+        # The trainer's refit lines only (the echoed command line also says on_oom=refit).
+        refits=$(grep -c '^training.on_oom: refit: ' <<<"$tail_part")
         xlarge_result="${xfit[*]:-as configured}: status $rc, $seen of $xlarge_steps steps"
         [[ $refits -gt 0 ]] && xlarge_result+=", refit lines: $refits"
         [[ $rc -eq 0 && $seen -eq $xlarge_steps ]] || fail "xlarge: $xlarge_result"
@@ -671,6 +685,17 @@ if env["GC_QUICK"] != "1":
     rep = re.search(r"^  peak allocated .*$", tlog, re.M)
     if rep:
         rows.append(("train --memory-report", rep.group(0).strip()))
+    # The profile: each block kind's forward and backward seconds per step and its share.
+    prof = read("profile.log")
+    m = re.search(r"^profile\s+mean per step ([0-9.]+) s", prof, re.M)
+    if m:
+        rows.append(("profile", f"mean step {float(m.group(1)):.3f} s (bench --profile: forward s, backward s, share)"))
+        for kind, blocks, f, b, share in re.findall(
+                r"^  (band split|time transformer|band transformer|head)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+\s+([0-9.]+) %$",
+                prof, re.M):
+            rows.append((f"  {kind} × {blocks}", f"{float(f):.3f} s + {float(b):.3f} s, {share} %"))
+            summary.setdefault("profile", []).append(
+                {"kind": kind, "blocks": int(blocks), "forward_s": float(f), "backward_s": float(b)})
 
 if env.get("GC_OOM"):
     rows.append(("out of memory", env["GC_OOM"]))
@@ -680,6 +705,9 @@ if env.get("GC_XLARGE"):
     lines = re.findall(r"^epoch \d+ step \d+/\d+: .*$", xl, re.M)
     if lines:
         rows.append(("xlarge train", lines[-1]))
+    rep = re.search(r"^  peak allocated .*$", xl, re.M)
+    if rep:
+        rows.append(("xlarge --memory-report", rep.group(0).strip()))
     p = smi_peak("smi_xlarge.txt")
     if p is not None:
         rows.append(("device memory used (xlarge)", gb(p - (smi_peak("smi_idle.txt") or 0))))

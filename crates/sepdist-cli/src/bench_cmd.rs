@@ -30,6 +30,11 @@ pub struct BenchArgs {
     /// on the CPU): the GPU's memory on the CPU, for A/B against the fused kernels.
     #[arg(long)]
     pub composed_ops: bool,
+    /// Also split the forward and backward time by block kind (band split, time and band
+    /// transformers, head); the device is synchronized at every block boundary, which costs a
+    /// little of the step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn gib(bytes: usize) -> f64 {
@@ -43,7 +48,16 @@ pub fn run(
     let overrides = crate::train_cmd::with_device(&args.overrides, args.device.as_deref());
     let config = load_file(&args.config, &overrides)?;
     let comm = crate::train_cmd::communicator(&config)?;
-    let run = || bench(&config, args.steps, args.warmup, heap, comm.as_ref());
+    let run = || {
+        bench(
+            &config,
+            args.steps,
+            args.warmup,
+            args.profile,
+            heap,
+            comm.as_ref(),
+        )
+    };
     let r = if args.composed_ops {
         sepdist_model::ops::with_composed_ops(run)?
     } else {
@@ -98,5 +112,45 @@ pub fn run(
         "achieved           {:9.3} GFLOP/s",
         r.achieved_flops(recompute) / 1e9
     );
+    if let Some(rows) = &r.profile {
+        print_profile(rows, &r.step_seconds);
+    }
     Ok(0)
+}
+
+/// The block kinds' forward and backward seconds, mean per timed step, and their shares of the
+/// mean step (what the blocks leave is data, gradient sync, optimizer and the engine's own work).
+fn print_profile(rows: &[sepdist_train::bench::ProfileRow], step_seconds: &[f64]) {
+    let mean_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
+    let share = |s: f64| 100.0 * s / mean_step;
+    println!(
+        "profile            mean per step {mean_step:.4} s, device synchronized at block boundaries"
+    );
+    println!(
+        "  {:<18} {:>6} {:>11} {:>11} {:>12} {:>7}",
+        "block kind", "blocks", "forward s", "backward s", "per block s", "share"
+    );
+    let mut in_blocks = 0.0;
+    for row in rows {
+        let total = row.forward + row.backward;
+        in_blocks += total;
+        println!(
+            "  {:<18} {:>6} {:>11.4} {:>11.4} {:>12.4} {:>6.1} %",
+            row.kind,
+            row.blocks,
+            row.forward,
+            row.backward,
+            total / row.blocks as f64,
+            share(total)
+        );
+    }
+    println!(
+        "  {:<18} {:>6} {:>11} {:>11} {:>12} {:>6.1} %",
+        "outside the blocks",
+        "",
+        "",
+        "",
+        "",
+        share(mean_step - in_blocks)
+    );
 }

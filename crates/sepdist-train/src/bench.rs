@@ -10,6 +10,12 @@
 //! [`EngineEvent::BackwardStart`]; the head's forwards of every source but the first (the head
 //! runs one source at a time) and, with activation checkpointing, the recomputed forwards count
 //! as backward.
+//!
+//! With `profile`, the device is synchronized at every block boundary and the forward and
+//! backward time is split by block kind ([`ProfileRow`]): where a GPU step goes (kernels run
+//! asynchronously, so without the synchronization the host's clock would charge a block's work
+//! to whichever later block waits for it). The synchronization costs a little; the other
+//! figures of a profiled run include it.
 
 use crate::engine::{Engine, EngineEvent, batch_tensors};
 use crate::memory::{HeapCounter, rss};
@@ -21,6 +27,7 @@ use sepdist_config::Config;
 use sepdist_data::{Loader, Sampler, Schedule};
 use sepdist_model::Separator;
 use sepdist_model::loss::SeparationLoss;
+use sepdist_model::separator::BlockKind;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -50,6 +57,81 @@ pub struct BenchReport {
     pub peak_device: Option<(usize, usize)>,
     /// Forward FLOPs of one example (closed form, `sepdist_model::flops`).
     pub forward_flops_per_sample: f64,
+    /// With `profile`: the forward and backward seconds of each block kind, mean per timed step.
+    pub profile: Option<Vec<ProfileRow>>,
+}
+
+/// One block kind's share of the profiled steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileRow {
+    /// `band split`, `time transformer`, `band transformer` or `head`.
+    pub kind: &'static str,
+    /// Blocks of this kind.
+    pub blocks: usize,
+    /// Mean seconds per timed step in their forwards (the head: source 0's forward and loss).
+    pub forward: f64,
+    /// Mean seconds per timed step in their backwards, recomputed forwards included (the head:
+    /// the other sources' forwards too).
+    pub backward: f64,
+}
+
+fn kind_label(kind: BlockKind) -> &'static str {
+    match kind {
+        BlockKind::BandSplit => "band split",
+        BlockKind::Time { .. } => "time transformer",
+        BlockKind::Band { .. } => "band transformer",
+        BlockKind::Head => "head",
+    }
+}
+
+/// Per-block seconds summed into one row per kind, in the order kinds first appear.
+fn rows_by_kind(
+    kinds: &[&'static str],
+    forward: &[f64],
+    backward: &[f64],
+    steps: usize,
+) -> Vec<ProfileRow> {
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    for (i, &kind) in kinds.iter().enumerate() {
+        let row = match rows.iter().position(|r| r.kind == kind) {
+            Some(r) => &mut rows[r],
+            None => {
+                rows.push(ProfileRow {
+                    kind,
+                    blocks: 0,
+                    forward: 0.0,
+                    backward: 0.0,
+                });
+                rows.last_mut().expect("just pushed")
+            }
+        };
+        row.blocks += 1;
+        row.forward += forward[i] / steps as f64;
+        row.backward += backward[i] / steps as f64;
+    }
+    rows
+}
+
+/// What the engine's probe records: the backward's start (the phase split) and, per block, the
+/// seconds between consecutive block boundaries.
+struct Timeline {
+    last: Instant,
+    backward_start: Option<Instant>,
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+}
+
+impl Timeline {
+    fn record(&mut self, event: EngineEvent, now: Instant) {
+        let since = now.duration_since(self.last).as_secs_f64();
+        match event {
+            EngineEvent::ForwardStart => {}
+            EngineEvent::BackwardStart => self.backward_start = Some(now),
+            EngineEvent::BlockForward(i) => self.forward[i] += since,
+            EngineEvent::BlockBackward(i) => self.backward[i] += since,
+        }
+        self.last = now;
+    }
 }
 
 impl BenchReport {
@@ -83,11 +165,13 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 /// Times `warmup + steps` optimizer steps of `config` with the ranks of `comm`; the first
-/// `warmup` are not reported (allocator and cache warm-up).
+/// `warmup` are not reported (allocator and cache warm-up). `profile` adds the split by block
+/// kind (the device synchronized at every block boundary).
 pub fn bench(
     config: &Config,
     steps: usize,
     warmup: usize,
+    profile: bool,
     heap: &'static dyn HeapCounter,
     comm: &dyn Communicator,
 ) -> Result<BenchReport, TrainError> {
@@ -123,13 +207,31 @@ pub fn bench(
     let loss = SeparationLoss::for_sources(&t.loss, &cfg.dataset.sources)?;
     let mut engine = Engine::new(separator, loss, &init, t.gradient_checkpointing, device)?;
     drop(init);
-    // The engine reports when the backward starts: the forward/backward split.
-    let backward_start: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-    let mark = Arc::clone(&backward_start);
+    let kinds: Vec<&'static str> = engine
+        .separator()
+        .blocks()
+        .iter()
+        .map(|b| kind_label(b.kind()))
+        .collect();
+    // The engine reports when the backward starts (the forward/backward split) and when each
+    // block is done.
+    let timeline = Arc::new(Mutex::new(Timeline {
+        last: Instant::now(),
+        backward_start: None,
+        forward: vec![0.0; kinds.len()],
+        backward: vec![0.0; kinds.len()],
+    }));
+    let probe_timeline = Arc::clone(&timeline);
+    let probe_device = engine.device().clone();
     engine.set_probe(Some(Arc::new(move |event| {
-        if event == EngineEvent::BackwardStart {
-            *mark.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        if profile {
+            // An error here is the device's and surfaces at the engine's next operation.
+            let _ = probe_device.synchronize();
         }
+        probe_timeline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(event, Instant::now());
     })));
     let mut flat = engine.flat_params()?;
     engine.set_compute_dtype(crate::trainer::compute_dtype(t.precision))?;
@@ -144,6 +246,11 @@ pub fn bench(
         gpu.reset_peak();
     }
     for step in 0..warmup + steps {
+        if step == warmup {
+            let mut tl = timeline.lock().unwrap_or_else(PoisonError::into_inner);
+            tl.forward.fill(0.0);
+            tl.backward.fill(0.0);
+        }
         let started = Instant::now();
         let mut times = [0.0f64; 5];
         grads.fill(0.0);
@@ -158,9 +265,10 @@ pub fn bench(
             engine.forward_backward_with(&mixture, &stems, &mut grads, |_, _| {
                 Ok::<(), TrainError>(())
             })?;
-            let split = backward_start
+            let split = timeline
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .backward_start
                 .take()
                 .unwrap_or(t1);
             times[1] += split.duration_since(t1).as_secs_f64();
@@ -189,6 +297,10 @@ pub fn bench(
     }
     let phase_seconds =
         std::array::from_fn(|p| median(&phases.iter().map(|times| times[p]).collect::<Vec<_>>()));
+    let profile = profile.then(|| {
+        let tl = timeline.lock().unwrap_or_else(PoisonError::into_inner);
+        rows_by_kind(&kinds, &tl.forward, &tl.backward, steps)
+    });
     Ok(BenchReport {
         world_size: world,
         threads: rayon::current_num_threads(),
@@ -206,17 +318,48 @@ pub fn bench(
             cfg.dataset.sources.len(),
             cfg.dataset.segment_length,
         ),
+        profile,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{ProfileRow, median, rows_by_kind};
 
     #[test]
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn profile_rows_sum_each_kind_per_step_in_order_of_appearance() {
+        let kinds = [
+            "band split",
+            "time transformer",
+            "band transformer",
+            "time transformer",
+            "band transformer",
+            "head",
+        ];
+        let forward = [1.0, 2.0, 4.0, 6.0, 8.0, 10.0];
+        let backward = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let rows = rows_by_kind(&kinds, &forward, &backward, 2);
+        let row = |kind, blocks, forward, backward| ProfileRow {
+            kind,
+            blocks,
+            forward,
+            backward,
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row("band split", 1, 0.5, 0.25),
+                row("time transformer", 2, 4.0, 2.0),
+                row("band transformer", 2, 6.0, 3.0),
+                row("head", 1, 5.0, 2.5),
+            ]
+        );
     }
 }
