@@ -26,8 +26,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DEVICE", value_parser = sepdist_config::DeviceChoice::NAMES)]
     pub device: Option<String>,
     /// Run the fused ops as their composed twins (candle ops) with the blocks' composed
-    /// backwards, as a GPU runs them today (the attention has CUDA kernels, the STFT family runs
-    /// on the CPU): the GPU's memory on the CPU, for A/B against the fused kernels.
+    /// backwards and the loss' STFT L1 as DFT matmuls, as a GPU runs them today (the attention
+    /// has CUDA kernels, the mixture's STFT and the masked iSTFT run on the CPU): the GPU's
+    /// memory on the CPU, for A/B against the fused kernels.
     #[arg(long)]
     pub composed_ops: bool,
     /// Also split the forward and backward time by block kind (band split, time and band

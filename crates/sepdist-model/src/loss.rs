@@ -95,6 +95,11 @@ impl SeparationLoss {
         Ok(loss)
     }
 
+    /// The STFTs of the multi-resolution term, one per window size.
+    pub fn resolutions(&self) -> &[Stft] {
+        &self.resolutions
+    }
+
     /// `estimate` and `target` of equal shape `[..., N]` (usually `[B, S, 2, N]`; source
     /// weights need exactly that shape).
     pub fn compute(&self, estimate: &Tensor, target: &Tensor) -> Result<LossParts> {

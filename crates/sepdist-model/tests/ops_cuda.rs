@@ -431,6 +431,20 @@ fn ops_cuda_multi_stft_l1_equals_the_cpu() -> Result<()> {
         &[&[2, 2, 11_025]],
         &[],
     )?;
+    // The loss' defaults (windows below 2048 centred in n_fft 2048) on 3.6 s: the CUDA path's
+    // DFT matmuls then run in several chunks of frames per resolution.
+    let loss_defaults = [4096, 2048, 1024, 512, 256]
+        .iter()
+        .map(|&w| Stft::new(w.max(2048), 147, w))
+        .collect::<Result<Vec<_>>>()?;
+    let f = |a: &[Tensor], _: &Device| multi_stft_l1(&a[0], &loss_defaults);
+    check_op(
+        "multi_stft_l1 (loss defaults, several chunks)",
+        &dev,
+        &f,
+        &[&[2, 2, 160_000]],
+        &[],
+    )?;
     no_bf16_misses();
     Ok(())
 }

@@ -574,7 +574,7 @@ pub fn report_step(
             "other",
             other,
             p.map(|p| p.runtime),
-            "measured: the rest at the forward's start; predicted: gemm slabs",
+            "measured: the rest at the forward's start; predicted: gemm slabs (CPU), the loss's DFT bases (GPU)",
         ),
         (
             "  = heap at step start",

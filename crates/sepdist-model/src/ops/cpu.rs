@@ -108,10 +108,11 @@ thread_local! {
 }
 
 /// Runs `f` with the fused ops' CPU kernels off on this thread: every fused op other than the
-/// attention and the STFT family takes its composed twin, and the blocks' hand-written
-/// backwards their composed backward, as on a GPU (which has the attention's kernels and runs
-/// the STFT family's CPU kernels on copies). For tests and A/B measurements of the GPU's path
-/// on a CPU; the results are the same up to rounding.
+/// attention and the STFT family takes its composed twin, the blocks' hand-written backwards
+/// their composed backward, and the loss' STFT L1 its DFT matmuls, as on a GPU (which has the
+/// attention's kernels and the DFT path's framing kernels, and runs the mixture's STFT and
+/// the masked iSTFT on copies on the CPU). For tests and A/B measurements of the GPU's path on
+/// a CPU; the results are the same up to rounding.
 pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
     let before = FUSED_KERNELS.with(|k| k.replace(false));
     let out = f();
@@ -132,8 +133,8 @@ pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
 }
 
 /// Whether the STFT family's CPU kernels take `ts` wherever they are: f32 or f64, one dtype.
-/// Not switched off by [`with_composed_ops`]: a GPU runs them on the CPU too (see
-/// [`on_cpu_copy`]).
+/// Not switched off by [`with_composed_ops`] for the STFT and iSTFT: a GPU runs them on the
+/// CPU too (see [`on_cpu_copy`]).
 pub(crate) fn stft_kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
     let Some(first) = ts.first() else {
         return false;
@@ -144,8 +145,8 @@ pub(crate) fn stft_kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
 
 /// `f` of copies of `ts` on the CPU, its result moved back to `ts[0]`'s device: differentiable
 /// (candle's copies pass the gradient back), with everything `f`'s graph keeps in host memory.
-/// For the STFT family's fused ops on a GPU until they have CUDA kernels; on the CPU, `f` of
-/// `ts` themselves.
+/// For the mixture's STFT and the masked iSTFT on a GPU until they have a device path; on the
+/// CPU, `f` of `ts` themselves.
 pub(crate) fn on_cpu_copy(
     ts: &[&candle_core::Tensor],
     f: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,

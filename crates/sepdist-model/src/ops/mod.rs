@@ -33,6 +33,9 @@ pub mod norm;
 pub mod rope;
 pub mod softmax;
 pub mod stft;
+#[cfg(feature = "cuda")]
+mod stft_cuda;
+pub mod stft_dft;
 pub mod stft_l1;
 
 pub use attention::{flash_attention, flash_attention_packed, reference_attention};

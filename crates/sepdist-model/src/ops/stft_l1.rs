@@ -7,6 +7,9 @@
 //! `x`, a waveform, and never holds a whole spectrogram: the forward sums `|re| + |im|` frame
 //! by frame, and the backward recomputes each frame's transform to get
 //! `dx = Σ_r γ / count_r · STFT_rᵀ(sign STFT_r(x))` (`γ` the upstream gradient).
+//!
+//! On a GPU the same sum and gradient come from DFT matmuls over chunks of frames
+//! ([`super::stft_dft`]): the op then keeps `x` and the gradient, a waveform each.
 
 use std::sync::Arc;
 
@@ -17,15 +20,17 @@ use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
 use super::cpu::{
-    Real, cast, contiguous_slice, in_f32, is_half, map_tensor, on_cpu_copy, stft_kernel_takes,
+    Real, cast, contiguous_slice, fused_kernels_on, in_f32, is_half, map_tensor, stft_kernel_takes,
     unsupported_dtype,
 };
 use super::stft::{Geometry, Stft, fft_error, overlap_add, reflect, window_as};
 
 /// `Σ_r mean |STFT_r(x)|` of `x` `[..., N]` over the resolutions `stfts`: a scalar,
 /// differentiable in `x`; zero without resolutions. Each resolution needs `N > n_fft/2`
-/// (reflect padding). One op on the CPU (f32, f64), the composition elsewhere; a 16-bit `x`
-/// is scored in f32 (the loss' sums), the result cast back.
+/// (reflect padding). One op on the CPU (f32, f64); on a GPU, and on the CPU under
+/// [`super::with_composed_ops`], DFT matmuls in chunks of frames
+/// ([`super::stft_dft`]); a 16-bit `x` is scored in f32 (the loss' sums), the result cast
+/// back.
 pub fn multi_stft_l1(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
     let n = check(x, stfts)?;
     if stfts.is_empty() {
@@ -37,9 +42,8 @@ pub fn multi_stft_l1(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
     if !stft_kernel_takes(&[x]) {
         return multi_stft_l1_composed(x, stfts);
     }
-    if !x.device().is_cpu() {
-        // No CUDA kernel yet: the CPU's on a copy, the STFTs kept in host memory.
-        return on_cpu_copy(&[x], |c| multi_stft_l1(&c[0], stfts));
+    if !x.device().is_cpu() || !fused_kernels_on() {
+        return super::stft_dft::multi_stft_l1_dft(x, stfts);
     }
     let geoms = stfts
         .iter()

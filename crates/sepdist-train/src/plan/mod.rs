@@ -307,7 +307,7 @@ pub struct Prediction {
     /// Batches on the rank: the one in use (vectors and tensors; GPU: its tensors) and, on
     /// CPU, the loader's prefetched ones.
     pub data: u64,
-    /// gemm's per-thread packing slabs (CPU).
+    /// gemm's per-thread packing slabs (CPU); the loss' DFT bases (GPU).
     pub runtime: u64,
     /// Activations the forward keeps for the backward (context, block graphs or block inputs,
     /// head and loss graphs), at the start of the backward.
@@ -561,7 +561,8 @@ impl Planner {
         } else {
             (2 + prefetched) * audio - target
         };
-        let runtime = self.device.gemm_slabs();
+        // On a GPU: the loss' DFT bases, cached on the device from the first forward on.
+        let runtime = self.device.gemm_slabs() + if gpu { shapes.loss_dft_bases() } else { 0 };
         // On a GPU the gradient buckets are staged through host buffers (NCCL and MPI alike).
         let buckets = if w > 1 && stage < 2 && !gpu {
             self.buckets_after()
@@ -571,6 +572,7 @@ impl Planner {
         let gathers = (stage >= 3).then(|| self.gathers((padded / w) as usize));
         let mut shapes = shapes;
         shapes.gathered = gathers.is_some();
+        shapes.gpu = gpu;
         let micro = model::micro_batch(
             &shapes,
             &self.blocks,

@@ -45,7 +45,11 @@ pub(crate) struct Shapes {
     mask_widths: Vec<Vec<u64>>,
     /// Loss resolutions: (n_fft, frames at the loss hop).
     loss_res: Vec<(u64, u64)>,
+    /// The loss' STFTs (empty when its STFT term has weight 0).
+    loss_stfts: Vec<sepdist_model::ops::Stft>,
     loss: LossShape,
+    /// On a GPU the loss' STFT L1 runs as DFT matmuls (`ops::stft_dft`), not the CPU kernel.
+    pub gpu: bool,
 }
 
 /// The loss' weights as far as they change its graph.
@@ -126,6 +130,15 @@ impl Shapes {
         } else {
             Vec::new()
         };
+        let loss_stfts = if loss.multi_stft_resolution_loss_weight != 0.0 {
+            // The config is validated before it is planned: a loss that does not build has
+            // nothing to plan.
+            sepdist_model::loss::SeparationLoss::new(loss)
+                .map(|l| l.resolutions().to_vec())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         Self {
             b: b as u64,
             n: n as u64,
@@ -148,6 +161,8 @@ impl Shapes {
                 .collect(),
             mask_widths,
             loss_res,
+            loss_stfts,
+            gpu: false,
             loss: LossShape {
                 l1_weight: loss.l1_weight,
                 mse_weight: loss.mse_weight,
@@ -155,6 +170,11 @@ impl Shapes {
                 share_is_one,
             },
         }
+    }
+
+    /// Bytes of the DFT bases of the loss' STFTs on a GPU (f32; `ops::stft_dft`).
+    pub fn loss_dft_bases(&self) -> u64 {
+        sepdist_model::ops::stft_dft::device_bytes(&self.loss_stfts, 1, self.n as usize, 4).0
     }
 
     fn bt(&self) -> u64 {
@@ -1032,6 +1052,17 @@ fn multi_stft(t: &mut Tape, s: &Shapes, d: Id, scale_is_one: bool) -> Id {
     }
     let multi = if s.loss_res.is_empty() {
         t.leaf(1, s.es, false) // no resolutions: zeros
+    } else if s.gpu {
+        // DFT matmuls in chunks of frames: the gradient (d's size, f32) is computed with the
+        // value and held by the op until the backward returns it scaled; the chunks' spectra
+        // come and go meanwhile.
+        let signals = (t.elems(d) / s.n.max(1)) as usize;
+        let (_, working, _) =
+            sepdist_model::ops::stft_dft::device_bytes(&s.loss_stfts, signals, s.n as usize, 4);
+        let grad = t.leaf(t.elems(d), 4, false);
+        let out = t.fused(Fused::MultiStftL1 { scratch: 0 }, &[d, grad], 1, working);
+        t.drop_local(grad);
+        out
     } else {
         // Per resolution (one at a time), the forward holds a window, a frame's buffers and an
         // f64 sum per frame; the backward a `[T, n_fft]` frame buffer and the padded

@@ -92,10 +92,14 @@ pub fn breakdown(p: &Planner, pr: &Prediction, budget: u64, out: &mut String) {
             out,
             "runtime",
             pr.runtime,
-            format!(
-                "gemm's per-thread packing slabs (one L2 cache each, {} threads)",
-                p.device.threads
-            ),
+            if p.device.kind.is_gpu() {
+                "the loss' STFT bases (DFT matmuls), cached on the device".to_string()
+            } else {
+                format!(
+                    "gemm's per-thread packing slabs (one L2 cache each, {} threads)",
+                    p.device.threads
+                )
+            },
         );
     }
     let blocks: u64 = pr.kept_per_block.iter().map(|(_, b)| b).sum();

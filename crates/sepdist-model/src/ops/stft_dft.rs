@@ -1,0 +1,572 @@
+//! The loss' multi-resolution STFT L1 on a GPU: each resolution's STFT as a matmul of the
+//! signal's frames with a DFT basis, in chunks of frames, so that the device never holds a
+//! whole spectrogram.
+//!
+//! Per resolution (window `w` centred in `n_fft`, hop `h`, `T` frames) and chunk of frames:
+//! `F = frames(x)` (`[S·fc, w]`: only the window's samples, the rest of `n_fft` is zero),
+//! `Y = F·B` with `B` `[w, n_fft]` the windowed DFT basis (the real parts of the `n_fft/2 + 1`
+//! bins, then the imaginary parts of the interior bins: those of DC and Nyquist are zero),
+//! `Σ|Y|` into the value and, when `x` needs a gradient, `sign(Y)·Bᵀ` overlap-added back
+//! through the reflect padding into `dx` (`+1` at zero, as the CPU kernel and candle's `abs`
+//! have it). The value and the gradient are computed together in the forward (the backward
+//! of an L1 sum needs the same spectra again; the gradient is as large as `x`, the spectra
+//! are not), and the gradient is attached to the value by [`AttachGradient`].
+//!
+//! The matmuls run in plain fp32 even where fp32 matmuls use TF32 ([`FullPrecisionGemm`]):
+//! the L1 of a spectrum's small bins is not to be rounded at 10 bits. The framing and its
+//! adjoint are CUDA kernels on a GPU (`stft.cu`) and loops on the CPU, where this path runs
+//! under [`super::with_composed_ops`] (a GPU's memory on the CPU) and in tests.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, DeviceLocation, Error, InplaceOp2, Layout,
+    Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use super::cpu::{Real, contiguous_slice, unsupported_dtype};
+use super::stft::Stft;
+
+/// Bytes of the largest per-chunk tensor (a chunk's spectra `[S·fc, n_fft]`).
+pub const CHUNK_BYTES: usize = 32 << 20;
+
+/// One chunk of a resolution's framing: frame `f0 + f` (`f < fc`) of signal `s` holds
+/// `x[s, reflect((f0 + f)·hop + offset + k)]` for `k < w`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameMap {
+    pub signals: usize,
+    /// Samples per signal.
+    pub n: usize,
+    pub f0: usize,
+    pub fc: usize,
+    pub hop: usize,
+    /// Frame 0's first windowed sample relative to the unpadded signal: the window's offset
+    /// inside `n_fft` less the centred STFT's padding `n_fft/2`.
+    pub offset: isize,
+    /// Window length (samples per frame).
+    pub w: usize,
+}
+
+/// Frames per chunk for `signals` signals and FFT size `n_fft` in elements of `elem_size`
+/// bytes: the chunk's spectra stay within [`CHUNK_BYTES`].
+pub fn frames_per_chunk(signals: usize, n_fft: usize, elem_size: usize, frames: usize) -> usize {
+    chunk_frames(signals, n_fft, elem_size, frames, CHUNK_BYTES)
+}
+
+fn chunk_frames(
+    signals: usize,
+    n_fft: usize,
+    elem_size: usize,
+    frames: usize,
+    chunk_bytes: usize,
+) -> usize {
+    let per_frame = (signals * n_fft * elem_size).max(1);
+    (chunk_bytes / per_frame).clamp(1, frames.max(1))
+}
+
+/// Device bytes this path adds while it runs, for `signals` signals of `n` samples in
+/// elements of `elem_size` bytes: `(bases, working_set, gradient)`: the cached DFT bases (kept
+/// for the process), the largest transient of a chunk on top of the gradient, and the
+/// gradient (`x`'s size, held by the graph until the backward).
+pub fn device_bytes(stfts: &[Stft], signals: usize, n: usize, elem_size: usize) -> (u64, u64, u64) {
+    let mut bases = 0u64;
+    let mut working = 0u64;
+    for stft in stfts {
+        let (nf, w) = (stft.n_fft(), stft.win_length());
+        bases += (w * nf * elem_size) as u64;
+        let fc = frames_per_chunk(signals, nf, elem_size, stft.n_frames(n));
+        let rows = (signals * fc) as u64;
+        let (frames, spectra) = (rows * w as u64, rows * nf as u64);
+        let es = elem_size.max(1) as u64;
+        // Frames with their spectra; the spectra with |Y|; the spectra with the u8 mask of
+        // their signs, then the mask with its f32 copy; that copy with the sign; the sign with
+        // its projection back.
+        let steps = [
+            frames + spectra,
+            2 * spectra,
+            spectra + spectra / es,
+            spectra / es + spectra,
+            2 * spectra,
+            spectra + frames,
+        ];
+        let step_max = steps.iter().copied().max().unwrap_or(0);
+        working = working.max(step_max * elem_size as u64);
+    }
+    (bases, working, (signals * n * elem_size) as u64)
+}
+
+/// `Σ_r mean |STFT_r(x)|` (see [`super::stft_l1::multi_stft_l1`]) by DFT matmuls on `x`'s
+/// device; `x` is f32 or f64 `[..., N]`, `N > n_fft/2` for every resolution (checked by the
+/// caller).
+pub(crate) fn multi_stft_l1_dft(x: &Tensor, stfts: &[Stft]) -> Result<Tensor> {
+    multi_stft_l1_dft_chunked(x, stfts, CHUNK_BYTES)
+}
+
+/// [`multi_stft_l1_dft`] with chunks of at most `chunk_bytes` of spectra.
+fn multi_stft_l1_dft_chunked(x: &Tensor, stfts: &[Stft], chunk_bytes: usize) -> Result<Tensor> {
+    let n = x.dim(x.rank() - 1)?;
+    let signals = x.elem_count() / n.max(1);
+    let xd = x.detach().contiguous()?.reshape((signals, n))?;
+    let dtype = x.dtype();
+    let need_grad = x.track_op();
+    let _full = FullPrecisionGemm::on();
+    // The sum in f64: a chunk's spectra are millions of terms.
+    let mut value = Tensor::zeros((), DType::F64, x.device())?;
+    let grad = if need_grad {
+        Some(Tensor::zeros((signals, n), dtype, x.device())?)
+    } else {
+        None
+    };
+    for stft in stfts {
+        let frames = stft.n_frames(n);
+        let (nf, w) = (stft.n_fft(), stft.win_length());
+        let count = (signals * stft.n_bins() * frames * 2) as f64;
+        let basis = dft_basis(stft, x.device(), dtype)?;
+        let fc = chunk_frames(signals, nf, dtype.size_in_bytes(), frames, chunk_bytes);
+        for f0 in (0..frames).step_by(fc) {
+            let map = FrameMap {
+                signals,
+                n,
+                f0,
+                fc: fc.min(frames - f0),
+                hop: stft.hop(),
+                offset: ((nf - w) / 2) as isize - (nf / 2) as isize,
+                w,
+            };
+            let spectra = xd.apply_op1_no_bwd(&Frames(map))?.matmul(&basis)?;
+            let chunk_sum = spectra.abs()?.sum(1)?.to_dtype(DType::F64)?.sum_all()?;
+            value = (value + (chunk_sum / count)?)?;
+            if let Some(acc) = &grad {
+                // One temporary at a time (a chained expression keeps each until its end).
+                let non_negative = spectra.ge(0.0)?;
+                drop(spectra);
+                let ones = non_negative.to_dtype(dtype)?;
+                drop(non_negative);
+                let sign = ones.affine(2.0, -1.0)?;
+                drop(ones);
+                let back = sign.matmul(&basis.t()?)?;
+                drop(sign);
+                acc.inplace_op2(
+                    &back,
+                    &AdjointAdd {
+                        map,
+                        alpha: 1.0 / count,
+                    },
+                )?;
+            }
+        }
+    }
+    let value = value.to_dtype(dtype)?;
+    match grad {
+        None => Ok(value),
+        Some(g) => x.apply_op2(
+            &value,
+            AttachGradient {
+                grad: g.reshape(x.shape())?,
+            },
+        ),
+    }
+}
+
+/// TF32 off for candle's fp32 GEMMs while it lives (a process-wide switch, read at each
+/// GEMM's launch; the previous setting comes back on drop).
+struct FullPrecisionGemm(bool);
+
+impl FullPrecisionGemm {
+    fn on() -> Self {
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(false);
+        Self(before)
+    }
+}
+
+impl Drop for FullPrecisionGemm {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.0);
+    }
+}
+
+type BasisKey = (DeviceLocation, usize, usize, DType);
+
+/// The bases built so far, per device, resolution and dtype: built once per process (a
+/// 4096-point basis is 16.8 M cosines and sines).
+static BASES: Mutex<Option<HashMap<BasisKey, Tensor>>> = Mutex::new(None);
+
+/// `[w, n_fft]`: row `k` is window sample `k` (position `left + k` of `n_fft`) times the
+/// DFT's `cos` for bins `0..=n_fft/2`, then `−sin` for bins `1..n_fft/2`.
+fn dft_basis(stft: &Stft, device: &Device, dtype: DType) -> Result<Tensor> {
+    let (nf, w) = (stft.n_fft(), stft.win_length());
+    let key = (device.location(), nf, w, dtype);
+    let mut bases = BASES.lock().unwrap_or_else(PoisonError::into_inner);
+    let bases = bases.get_or_insert_with(HashMap::new);
+    if let Some(b) = bases.get(&key) {
+        return Ok(b.clone());
+    }
+    let left = (nf - w) / 2;
+    let window = &stft.window()[left..left + w];
+    let bins = nf / 2 + 1;
+    let mut values = vec![0f64; w * nf];
+    values
+        .par_chunks_mut(nf)
+        .zip(window.par_iter())
+        .enumerate()
+        .for_each(|(k, (row, &win))| {
+            let pos = (left + k) as u64;
+            let angle = |j: usize| {
+                // The phase index reduced exactly before the angle: no large arguments.
+                let m = (j as u64 * pos) % nf as u64;
+                2.0 * std::f64::consts::PI * m as f64 / nf as f64
+            };
+            let (re, im) = row.split_at_mut(bins);
+            for (j, v) in re.iter_mut().enumerate() {
+                *v = win * angle(j).cos();
+            }
+            for (j, v) in im.iter_mut().enumerate() {
+                *v = -win * angle(j + 1).sin();
+            }
+        });
+    let basis = Tensor::from_vec(values, (w, nf), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    bases.insert(key, basis.clone());
+    Ok(basis)
+}
+
+/// `[S, N]` → `[S·fc, w]`, the frames of one chunk ([`FrameMap`]); no backward (the path
+/// computes its gradient itself).
+struct Frames(FrameMap);
+
+impl Frames {
+    fn run<T: Real>(&self, x: &[T]) -> Vec<T> {
+        let m = &self.0;
+        let mut out = vec![T::zero(); m.signals * m.fc * m.w];
+        out.par_chunks_mut(m.fc * m.w)
+            .zip(x.par_chunks(m.n))
+            .for_each(|(dst, sig)| {
+                for (f, frame) in dst.chunks_mut(m.w).enumerate() {
+                    let start = ((m.f0 + f) * m.hop) as isize + m.offset;
+                    for (k, v) in frame.iter_mut().enumerate() {
+                        *v = sig[reflect(start + k as isize, m.n)];
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// The single reflection of the centred STFT's padding (`|i|` and `2(n−1) − i` stay in range:
+/// the padding is shorter than the signal).
+fn reflect(i: isize, n: usize) -> usize {
+    let n = n as isize;
+    let i = i.abs();
+    (if i >= n { 2 * (n - 1) - i } else { i }) as usize
+}
+
+impl CustomOp1 for Frames {
+    fn name(&self) -> &'static str {
+        "stft-frames"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = &self.0;
+        let shape = Shape::from((m.signals * m.fc, m.w));
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l, self.name())?)),
+            DType::F64 => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l, self.name())?)),
+            dt => return Err(unsupported_dtype(self.name(), dt)),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let m = &self.0;
+        let out = super::stft_cuda::frames(s, l, m)?;
+        Ok((out, Shape::from((m.signals * m.fc, m.w))))
+    }
+}
+
+/// `acc` (`[S, N]`) += `alpha` · the framing's adjoint of `g` (`[S·fc, w]`): each sample
+/// gathers the frames of the chunk that read it (through the reflection too).
+struct AdjointAdd {
+    map: FrameMap,
+    alpha: f64,
+}
+
+impl AdjointAdd {
+    fn run<T: Real>(&self, acc: &mut [T], g: &[T]) {
+        let m = &self.map;
+        let alpha = <T as WithDType>::from_f64(self.alpha);
+        acc.par_chunks_mut(m.n)
+            .zip(g.par_chunks(m.fc * m.w))
+            .for_each(|(dst, frames)| {
+                for (f, frame) in frames.chunks(m.w).enumerate() {
+                    let start = ((m.f0 + f) * m.hop) as isize + m.offset;
+                    for (k, v) in frame.iter().enumerate() {
+                        dst[reflect(start + k as isize, m.n)] += alpha * *v;
+                    }
+                }
+            });
+    }
+}
+
+/// The accumulator's contiguous part (`layout`) in `data`.
+fn accumulator<'a, T>(data: &'a mut [T], layout: &Layout, op: &str) -> Result<&'a mut [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: expected a contiguous accumulator")))?;
+    data.get_mut(start..end)
+        .ok_or_else(|| Error::Msg(format!("{op}: layout out of the storage bounds")))
+}
+
+impl InplaceOp2 for AdjointAdd {
+    fn name(&self) -> &'static str {
+        "stft-frames-adjoint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let name = self.name();
+        match s1 {
+            CpuStorage::F32(acc) => {
+                let g = contiguous_slice::<f32>(s2, l2, name)?;
+                self.run(accumulator(acc, l1, name)?, g);
+            }
+            CpuStorage::F64(acc) => {
+                let g = contiguous_slice::<f64>(s2, l2, name)?;
+                self.run(accumulator(acc, l1, name)?, g);
+            }
+            other => return Err(unsupported_dtype(name, other.dtype())),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        super::stft_cuda::adjoint_add(s1, l1, s2, l2, &self.map, self.alpha)
+    }
+}
+
+/// `(x, value)` → `value`, with the gradient `grad · γ` for `x` (`γ` the upstream scalar).
+struct AttachGradient {
+    grad: Tensor,
+}
+
+impl CustomOp2 for AttachGradient {
+    fn name(&self) -> &'static str {
+        "attach-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None));
+        }
+        let dx = self
+            .grad
+            .broadcast_mul(&grad.to_dtype(self.grad.dtype())?)?;
+        Ok((Some(dx.to_dtype(x.dtype())?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::stft_l1::multi_stft_l1;
+    use candle_core::Var;
+
+    /// Deterministic values in [-1, 1) (a 64-bit LCG).
+    fn signal(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+    }
+
+    /// The loss' geometry in small: windows shorter than n_fft, hops that divide nothing.
+    fn resolutions() -> Result<Vec<Stft>> {
+        Ok(vec![
+            Stft::new(64, 7, 64)?,
+            Stft::new(64, 7, 24)?,
+            Stft::new(32, 5, 9)?,
+            Stft::new(16, 3, 16)?,
+        ])
+    }
+
+    fn value_and_grad(
+        x: &Tensor,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(f64, Vec<f64>)> {
+        let v = Var::from_tensor(x)?;
+        let y = f(v.as_tensor())?;
+        let g = y.backward()?;
+        let dx = g
+            .get(v.as_tensor())
+            .ok_or_else(|| Error::Msg("no gradient".into()))?;
+        Ok((
+            y.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            dx.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        ))
+    }
+
+    fn rel(a: &[f64], b: &[f64]) -> f64 {
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    #[test]
+    fn the_dft_path_equals_the_fft_kernel_in_value_and_gradient() -> Result<()> {
+        let stfts = resolutions()?;
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let x = signal(&[2, 3, 101], 7, dtype)?;
+            let (v_fft, g_fft) = value_and_grad(&x, |x| multi_stft_l1(x, &stfts))?;
+            // One chunk per resolution, then a few frames per chunk.
+            for chunk_bytes in [CHUNK_BYTES, 6 * 64 * dtype.size_in_bytes() * 3] {
+                let (v, g) =
+                    value_and_grad(&x, |x| multi_stft_l1_dft_chunked(x, &stfts, chunk_bytes))?;
+                assert!(
+                    ((v - v_fft) / v_fft).abs() < tol,
+                    "{dtype:?}, chunks of {chunk_bytes} B: value {v} against {v_fft}"
+                );
+                let e = rel(&g, &g_fft);
+                assert!(
+                    e < tol,
+                    "{dtype:?}, chunks of {chunk_bytes} B: gradient off by {e:e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn silence_has_the_fft_kernels_gradient_plus_one_at_zero() -> Result<()> {
+        let stfts = resolutions()?;
+        let x = Tensor::zeros((2, 50), DType::F64, &Device::Cpu)?;
+        let (v_fft, g_fft) = value_and_grad(&x, |x| multi_stft_l1(x, &stfts))?;
+        let (v, g) = value_and_grad(&x, |x| multi_stft_l1_dft_chunked(x, &stfts, 4096))?;
+        assert_eq!(v, 0.0);
+        assert_eq!(v_fft, 0.0);
+        assert!(
+            g_fft.iter().any(|&d| d != 0.0),
+            "the subgradient at zero is +1"
+        );
+        let e = rel(&g, &g_fft);
+        assert!(e < 1e-12, "gradient off by {e:e}");
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_gradient_only_the_value_is_computed() -> Result<()> {
+        let stfts = resolutions()?;
+        let x = signal(&[3, 80], 3, DType::F64)?;
+        let y = multi_stft_l1_dft(&x, &stfts)?;
+        assert!(!y.track_op());
+        let fft = multi_stft_l1(&x, &stfts)?;
+        let (a, b) = (y.to_scalar::<f64>()?, fft.to_scalar::<f64>()?);
+        assert!(((a - b) / b).abs() < 1e-12, "{a} against {b}");
+        Ok(())
+    }
+
+    /// `⟨frames(x), g⟩ = ⟨x, adjoint(g)⟩` for every chunk, reflections at both ends included.
+    #[test]
+    fn the_adjoint_add_is_the_framings_adjoint() -> Result<()> {
+        let (signals, n) = (2, 37);
+        for (hop, w, offset) in [(5usize, 16usize, -8isize), (3, 9, -12), (7, 30, -16)] {
+            let frames = n / hop + 1;
+            for (f0, fc) in [(0, frames), (1, 2), (frames - 1, 1)] {
+                let map = FrameMap {
+                    signals,
+                    n,
+                    f0,
+                    fc,
+                    hop,
+                    offset,
+                    w,
+                };
+                let x = signal(&[signals, n], 11, DType::F64)?;
+                let g = signal(&[signals * fc, w], 12, DType::F64)?;
+                let fx = x.apply_op1_no_bwd(&Frames(map))?;
+                let lhs = (fx * &g)?.sum_all()?.to_scalar::<f64>()?;
+                let acc = Tensor::zeros((signals, n), DType::F64, &Device::Cpu)?;
+                acc.inplace_op2(&g, &AdjointAdd { map, alpha: 1.0 })?;
+                let rhs = (acc * &x)?.sum_all()?.to_scalar::<f64>()?;
+                assert!(
+                    (lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0),
+                    "hop {hop}, w {w}, offset {offset}, frames {f0}+{fc}: {lhs} against {rhs}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_working_set_stays_near_the_chunk_budget() {
+        let stfts: Vec<Stft> = [4096, 2048, 1024, 512, 256]
+            .iter()
+            .map(|&w| Stft::new(w.max(2048), 147, w).expect("valid"))
+            .collect();
+        let (bases, working, grad) = device_bytes(&stfts, 16, 441_000, 4);
+        // 4096 × 4096 + 2048 × 2048 + (1024 + 512 + 256) × 2048 floats.
+        assert_eq!(bases, 4 * (4096 * 4096 + 2048 * 2048 + 1792 * 2048));
+        assert_eq!(grad, 16 * 441_000 * 4);
+        assert!(
+            working <= 2 * CHUNK_BYTES as u64 + CHUNK_BYTES as u64 / 4 + 1,
+            "{working}"
+        );
+        assert!(working >= 2 * CHUNK_BYTES as u64 * 9 / 10, "{working}");
+    }
+}
