@@ -431,21 +431,45 @@ fn ops_cuda_multi_stft_l1_equals_the_cpu() -> Result<()> {
         &[&[2, 2, 11_025]],
         &[],
     )?;
+    no_bf16_misses();
     // The loss' defaults (windows below 2048 centred in n_fft 2048) on 3.6 s: the CUDA path's
-    // DFT matmuls then run in several chunks of frames per resolution.
+    // DFT matmuls then run in several chunks of frames per resolution. In f64: the gradient of
+    // an L1 sum jumps where a bin crosses zero, and at this size some bins sit within fp32
+    // rounding of zero (the CPU's own fp32 FFT kernel differs from its f64 result by 8e-4 in
+    // the gradient there, measured), so fp32 is compared by value.
     let loss_defaults = [4096, 2048, 1024, 512, 256]
         .iter()
         .map(|&w| Stft::new(w.max(2048), 147, w))
         .collect::<Result<Vec<_>>>()?;
     let f = |a: &[Tensor], _: &Device| multi_stft_l1(&a[0], &loss_defaults);
-    check_op(
-        "multi_stft_l1 (loss defaults, several chunks)",
-        &dev,
-        &f,
-        &[&[2, 2, 160_000]],
-        &[],
-    )?;
-    no_bf16_misses();
+    let x = uniform(&[2, 2, 160_000], 10, DType::F64)?;
+    let cpu = value_and_grads(&f, std::slice::from_ref(&x), &Device::Cpu, 99, false)?;
+    let gpu = value_and_grads(&f, std::slice::from_ref(&x), &dev, 99, false)?;
+    for (part, (g, c)) in ["value", "gradient"].iter().zip(gpu.iter().zip(&cpu)) {
+        let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-300);
+        println!(
+            "multi_stft_l1 (loss defaults, several chunks, f64): {part} worst relative difference {err:e}"
+        );
+        assert!(
+            err < 1e-10,
+            "{part} on CUDA in f64 differs from the CPU by {err:e}"
+        );
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let value = |dev: &Device| -> Result<f64> {
+        f(&[x32.to_device(dev)?], dev)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    };
+    let (c, g) = (value(&Device::Cpu)?, value(&dev)?);
+    let err = ((g - c) / c).abs();
+    println!(
+        "multi_stft_l1 (loss defaults, several chunks, fp32): value worst relative difference {err:e}"
+    );
+    assert!(
+        err < OP_TOL,
+        "the fp32 value on CUDA differs from the CPU by {err:e}"
+    );
     Ok(())
 }
 
