@@ -109,10 +109,9 @@ thread_local! {
 
 /// Runs `f` with the fused ops' CPU kernels off on this thread: every fused op other than the
 /// attention and the STFT family takes its composed twin, the blocks' hand-written backwards
-/// their composed backward, and the loss' STFT L1 its DFT matmuls, as on a GPU (which has the
-/// attention's kernels and the DFT path's framing kernels, and runs the mixture's STFT and
-/// the masked iSTFT on copies on the CPU). For tests and A/B measurements of the GPU's path on
-/// a CPU; the results are the same up to rounding.
+/// their composed backward, and the STFT family its DFT matmuls, as on a GPU (which has the
+/// attention's kernels and the DFT path's framing kernels). For tests and A/B measurements of
+/// the GPU's path on a CPU; the results are the same up to rounding.
 pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
     let before = FUSED_KERNELS.with(|k| k.replace(false));
     let out = f();
@@ -132,38 +131,15 @@ pub(crate) fn kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
     fused_kernels_on() && stft_kernel_takes(ts) && ts.iter().all(|t| t.device().is_cpu())
 }
 
-/// Whether the STFT family's CPU kernels take `ts` wherever they are: f32 or f64, one dtype.
-/// Not switched off by [`with_composed_ops`] for the STFT and iSTFT: a GPU runs them on the
-/// CPU too (see [`on_cpu_copy`]).
+/// Whether the STFT family's kernels take `ts`: f32 or f64, one dtype (on the CPU its FFT
+/// kernels, elsewhere and under [`with_composed_ops`] its DFT matmuls; 16-bit inputs are
+/// transformed in f32).
 pub(crate) fn stft_kernel_takes(ts: &[&candle_core::Tensor]) -> bool {
     let Some(first) = ts.first() else {
         return false;
     };
     matches!(first.dtype(), DType::F32 | DType::F64)
         && ts.iter().all(|t| t.dtype() == first.dtype())
-}
-
-/// `f` of copies of `ts` on the CPU, its result moved back to `ts[0]`'s device: differentiable
-/// (candle's copies pass the gradient back), with everything `f`'s graph keeps in host memory.
-/// For the mixture's STFT and the masked iSTFT on a GPU until they have a device path; on the
-/// CPU, `f` of `ts` themselves.
-pub(crate) fn on_cpu_copy(
-    ts: &[&candle_core::Tensor],
-    f: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
-) -> Result<candle_core::Tensor> {
-    let Some(first) = ts.first() else {
-        return Err(Error::Msg("on_cpu_copy: no input".into()));
-    };
-    if ts.iter().all(|t| t.device().is_cpu()) {
-        return f(&ts.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
-    }
-    let dev = first.device().clone();
-    let cpu = candle_core::Device::Cpu;
-    let copies = ts
-        .iter()
-        .map(|t| t.to_device(&cpu))
-        .collect::<Result<Vec<_>>>()?;
-    f(&copies)?.to_device(&dev)
 }
 
 /// Whether `dtype` is a 16-bit float: its composed ops run their reductions in f32, as

@@ -4,6 +4,8 @@
 // adjoint: acc[s, i] += alpha · Σ g[s, f, k] over the (f, k) of the chunk that frames reads
 //          x[s, i] from — the overlap-add of the frames folded back through the reflect
 //          padding, as a gather (one thread per output sample, no atomics: deterministic).
+// With reflect == 0 positions outside [0, n) read zero and receive nothing (the iSTFT's
+// overlap-add trimmed to its length, and that map's adjoint).
 //
 // `offset` is where frame 0's first sample sits relative to the unpadded signal (negative:
 // the centred STFT's reflect padding, plus the window's offset inside n_fft). Positions
@@ -23,7 +25,8 @@ __device__ __forceinline__ long long floor_div(long long a, long long b) {
 
 template <typename T>
 __device__ void frames(const T* x, T* out, long long signals, long long n, long long f0,
-                       long long fc, long long hop, long long offset, long long w) {
+                       long long fc, long long hop, long long offset, long long w,
+                       int reflect) {
     long long total = signals * fc * w;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)blockDim.x * gridDim.x) {
@@ -31,8 +34,12 @@ __device__ void frames(const T* x, T* out, long long signals, long long n, long 
         long long r = e - s * fc * w;
         long long f = r / w;
         long long k = r - f * w;
-        long long i = reflect_index((f0 + f) * hop + offset + k, n);
-        out[e] = x[s * n + i];
+        long long i = (f0 + f) * hop + offset + k;
+        if (reflect) {
+            out[e] = x[s * n + reflect_index(i, n)];
+        } else {
+            out[e] = (i >= 0 && i < n) ? x[s * n + i] : (T)0;
+        }
     }
 }
 
@@ -55,7 +62,8 @@ __device__ __forceinline__ T gather_position(const T* g, long long s, long long 
 
 template <typename T>
 __device__ void adjoint(const T* g, T* acc, long long signals, long long n, long long f0,
-                        long long fc, long long hop, long long offset, long long w, T alpha) {
+                        long long fc, long long hop, long long offset, long long w, int reflect,
+                        T alpha) {
     long long total = signals * n;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)blockDim.x * gridDim.x) {
@@ -63,8 +71,10 @@ __device__ void adjoint(const T* g, T* acc, long long signals, long long n, long
         long long i = e - s * n;
         // The padded positions that reflect onto i: i itself, -i (left), 2(n-1) - i (right).
         T sum = gather_position(g, s, i, f0, fc, hop, offset, w);
-        if (i > 0) sum += gather_position(g, s, -i, f0, fc, hop, offset, w);
-        if (i < n - 1) sum += gather_position(g, s, 2 * (n - 1) - i, f0, fc, hop, offset, w);
+        if (reflect && i > 0) sum += gather_position(g, s, -i, f0, fc, hop, offset, w);
+        if (reflect && i < n - 1) {
+            sum += gather_position(g, s, 2 * (n - 1) - i, f0, fc, hop, offset, w);
+        }
         acc[e] += alpha * sum;
     }
 }
@@ -73,14 +83,14 @@ __device__ void adjoint(const T* g, T* acc, long long signals, long long n, long
     extern "C" __global__ void stft_frames_##NAME(const T* x, T* out, long long signals,      \
                                                    long long n, long long f0, long long fc,    \
                                                    long long hop, long long offset,            \
-                                                   long long w) {                              \
-        frames<T>(x, out, signals, n, f0, fc, hop, offset, w);                                 \
+                                                   long long w, int reflect) {                 \
+        frames<T>(x, out, signals, n, f0, fc, hop, offset, w, reflect);                        \
     }                                                                                          \
     extern "C" __global__ void stft_adjoint_##NAME(const T* g, T* acc, long long signals,     \
                                                     long long n, long long f0, long long fc,   \
                                                     long long hop, long long offset,           \
-                                                    long long w, T alpha) {                    \
-        adjoint<T>(g, acc, signals, n, f0, fc, hop, offset, w, alpha);                         \
+                                                    long long w, int reflect, T alpha) {       \
+        adjoint<T>(g, acc, signals, n, f0, fc, hop, offset, w, reflect, alpha);                \
     }
 
 STFT_KERNELS(float, f32)

@@ -16,7 +16,7 @@ use realfft::RealFftPlanner;
 use realfft::num_complex::Complex;
 
 use super::cpu::{
-    Real, cast, contiguous_slice, in_f32, is_half, on_cpu_copy, stft_kernel_takes,
+    Real, cast, contiguous_slice, fused_kernels_on, in_f32, is_half, stft_kernel_takes,
     unsupported_dtype,
 };
 
@@ -110,7 +110,7 @@ impl Stft {
             kind: Kind::Stft,
             geom: self.geometry(n, self.n_frames(n))?,
         };
-        apply_on_cpu(x, op)
+        apply_spec(x, op)
     }
 
     /// `[..., F, T, 2]` → `[..., length]`, like `torch.istft(center=True, length=length)`:
@@ -137,7 +137,7 @@ impl Stft {
             kind: Kind::Istft,
             geom: self.geometry(length, frames)?,
         };
-        apply_on_cpu(spec, op)
+        apply_spec(spec, op)
     }
 
     /// The iSTFT ([`Stft::inverse`]) of the complex product `mask · spec` ((re, im) last):
@@ -169,14 +169,14 @@ impl Stft {
         if !stft_kernel_takes(&[mask, spec]) {
             return inverse_masked_composed(self, mask, spec, length);
         }
-        if !mask.device().is_cpu() {
-            // No CUDA kernel yet: the CPU's on copies, the graph's saved tensors in host memory.
-            return on_cpu_copy(&[mask, spec], |c| self.inverse_masked(&c[0], &c[1], length));
+        let geom = self.geometry(length, md[r - 2])?;
+        if !mask.device().is_cpu() || !fused_kernels_on() {
+            return super::stft_dft::inverse_masked_dft(&geom, mask, spec);
         }
         let op = MaskedIstft {
             istft: SpecOp {
                 kind: Kind::Istft,
-                geom: self.geometry(length, md[r - 2])?,
+                geom,
             },
         };
         mask.apply_op2(&spec.contiguous()?, op)
@@ -187,6 +187,7 @@ impl Stft {
             n_fft: self.n_fft,
             hop: self.hop,
             window: self.window.clone(),
+            win_length: self.win_length,
             n,
             frames,
         };
@@ -408,13 +409,16 @@ fn conj_product_sum<T: Real>(g: &[T], m: &[T], s: usize, per: usize) -> Vec<T> {
     out
 }
 
-/// Applies `op`; tensors on another device make a (differentiable) round trip through the CPU
-/// until [`SpecOp`] has a `cuda_fwd`: slow, but training on a GPU then works. A 16-bit `x` is
-/// transformed in f32 and the result cast back (the kernels are f32 and f64; an FFT in bf16
-/// would lose the small bins).
-fn apply_on_cpu(x: &Tensor, op: SpecOp) -> Result<Tensor> {
+/// Applies `op`: its CPU kernel on the CPU, DFT matmuls on a GPU and under
+/// [`super::with_composed_ops`] ([`super::stft_dft::spec_map_tracked`]). A 16-bit `x` is
+/// transformed in f32 and the result cast back (an FFT in bf16 would lose the small bins).
+fn apply_spec(x: &Tensor, op: SpecOp) -> Result<Tensor> {
     in_f32(x, |x| {
-        on_cpu_copy(&[x], |c| c[0].contiguous()?.apply_op1(op))
+        if x.device().is_cpu() && fused_kernels_on() {
+            x.contiguous()?.apply_op1(op)
+        } else {
+            super::stft_dft::spec_map_tracked(op.kind, &op.geom, x)
+        }
     })
 }
 
@@ -424,6 +428,8 @@ pub(super) struct Geometry {
     pub(super) n_fft: usize,
     pub(super) hop: usize,
     pub(super) window: Arc<[f64]>,
+    /// Length of the window inside `n_fft` (centred; zero outside).
+    pub(super) win_length: usize,
     /// Signal length (input of the STFT, output of the iSTFT).
     pub(super) n: usize,
     pub(super) frames: usize,
@@ -445,7 +451,7 @@ impl Geometry {
 
     /// `1/Σ_t w²[m − t·hop]` on the part of the overlap-add buffer kept by the iSTFT
     /// (`n_fft/2 ≤ m < n_fft/2 + n`), zero elsewhere. Errors where the envelope vanishes.
-    fn inverse_envelope(&self) -> Result<Vec<f64>> {
+    pub(super) fn inverse_envelope(&self) -> Result<Vec<f64>> {
         let ola = self.ola_len();
         let mut env = vec![0.0; ola];
         for t in 0..self.frames {
@@ -473,7 +479,7 @@ impl Geometry {
 
 /// Which of the four linear maps a [`SpecOp`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     /// `[..., n]` → `[..., F, T, 2]`.
     Stft,
     /// Adjoint of the STFT: `[..., F, T, 2]` → `[..., n]`.
@@ -485,7 +491,7 @@ enum Kind {
 }
 
 impl Kind {
-    fn adjoint(self) -> Kind {
+    pub(super) fn adjoint(self) -> Kind {
         match self {
             Kind::Stft => Kind::StftAdjoint,
             Kind::StftAdjoint => Kind::Stft,
@@ -495,19 +501,19 @@ impl Kind {
     }
 
     /// Whether the input is a signal `[..., n]` (else a spectrogram `[..., F, T, 2]`).
-    fn takes_signal(self) -> bool {
+    pub(super) fn takes_signal(self) -> bool {
         matches!(self, Kind::Stft | Kind::IstftAdjoint)
     }
 }
 
-struct SpecOp {
-    kind: Kind,
-    geom: Arc<Geometry>,
+pub(super) struct SpecOp {
+    pub(super) kind: Kind,
+    pub(super) geom: Arc<Geometry>,
 }
 
 impl SpecOp {
     /// Leading (batch) dims of the input and the output shape, after checking the input shape.
-    fn shapes(&self, dims: &[usize]) -> Result<(usize, Shape)> {
+    pub(super) fn shapes(&self, dims: &[usize]) -> Result<(usize, Shape)> {
         let g = &self.geom;
         let (lead, ok) = if self.kind.takes_signal() {
             let r = dims.len();

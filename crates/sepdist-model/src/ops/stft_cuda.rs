@@ -96,11 +96,13 @@ fn frames_typed<T: DeviceRepr>(
     // SAFETY: the kernel writes every element (one per (signal, frame, sample)).
     let out = unsafe { dev.alloc::<T>(total)? };
     let a = args(m)?;
+    let reflect = i32::from(m.reflect);
     let mut b = func.builder();
     b.arg(&xv).arg(&out);
     for v in &a {
         b.arg(v);
     }
+    b.arg(&reflect);
     // SAFETY: the argument list matches stft_frames_* in stft.cu.
     unsafe { b.launch(launch_config(total)) }.w()?;
     Ok(out)
@@ -159,12 +161,13 @@ fn adjoint_typed<T: DeviceRepr>(
     let gv = g.slice(g_start..g_start + m.signals * m.fc * m.w);
     let mut av = acc.slice_mut(acc_start..acc_start + total);
     let a = args(m)?;
+    let reflect = i32::from(m.reflect);
     let mut b = func.builder();
     b.arg(&gv).arg(&mut av);
     for v in &a {
         b.arg(v);
     }
-    b.arg(&alpha);
+    b.arg(&reflect).arg(&alpha);
     // SAFETY: the argument list matches stft_adjoint_* in stft.cu; each thread writes only
     // its own element of acc.
     unsafe { b.launch(launch_config(total)) }.w()?;

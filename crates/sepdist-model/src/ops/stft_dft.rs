@@ -28,7 +28,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::cpu::{Real, contiguous_slice, unsupported_dtype};
-use super::stft::Stft;
+use super::stft::{Geometry, Kind, SpecOp, Stft};
+use std::sync::Arc;
 
 /// Bytes of the largest per-chunk tensor (a chunk's spectra `[S·fc, n_fft]`).
 pub const CHUNK_BYTES: usize = 32 << 20;
@@ -48,6 +49,9 @@ pub(crate) struct FrameMap {
     pub offset: isize,
     /// Window length (samples per frame).
     pub w: usize,
+    /// Positions outside the signal reflect into it (the STFT's padding); without, they read
+    /// zero and receive nothing (the iSTFT's overlap-add, trimmed).
+    pub reflect: bool,
 }
 
 /// Frames per chunk for `signals` signals and FFT size `n_fft` in elements of `elem_size`
@@ -135,6 +139,7 @@ fn multi_stft_l1_dft_chunked(x: &Tensor, stfts: &[Stft], chunk_bytes: usize) -> 
                 hop: stft.hop(),
                 offset: ((nf - w) / 2) as isize - (nf / 2) as isize,
                 w,
+                reflect: true,
             };
             let spectra = xd.apply_op1_no_bwd(&Frames(map))?.matmul(&basis)?;
             let chunk_sum = spectra.abs()?.sum(1)?.to_dtype(DType::F64)?.sum_all()?;
@@ -189,50 +194,388 @@ impl Drop for FullPrecisionGemm {
     }
 }
 
-type BasisKey = (DeviceLocation, usize, usize, DType);
+/// Which DFT basis of a resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Basis {
+    /// `[w, n_fft]`: window × (cos of bins `0..=n_fft/2` ‖ −sin of bins `1..n_fft/2`); frames
+    /// times it are the STFT, spectra times its transpose the STFT's adjoint.
+    Forward,
+    /// `[n_fft, w]`: the inverse real DFT (`1/n_fft`, interior bins twice) times the window:
+    /// spectra times it are the iSTFT's frames, frames times its transpose its adjoint.
+    Inverse,
+}
 
-/// The bases built so far, per device, resolution and dtype: built once per process (a
+type BasisKey = (DeviceLocation, usize, usize, DType, Basis);
+
+/// The bases built so far, per device, resolution, dtype and kind: built once per process (a
 /// 4096-point basis is 16.8 M cosines and sines).
 static BASES: Mutex<Option<HashMap<BasisKey, Tensor>>> = Mutex::new(None);
 
-/// `[w, n_fft]`: row `k` is window sample `k` (position `left + k` of `n_fft`) times the
-/// DFT's `cos` for bins `0..=n_fft/2`, then `−sin` for bins `1..n_fft/2`.
+/// The forward basis of the periodic Hann window `window` (`n_fft` long, zero outside its
+/// centred `w` samples): see [`Basis::Forward`].
 fn dft_basis(stft: &Stft, device: &Device, dtype: DType) -> Result<Tensor> {
-    let (nf, w) = (stft.n_fft(), stft.win_length());
-    let key = (device.location(), nf, w, dtype);
+    basis(
+        Basis::Forward,
+        stft.window(),
+        stft.win_length(),
+        device,
+        dtype,
+    )
+}
+
+fn basis(kind: Basis, window: &[f64], w: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let nf = window.len();
+    let key = (device.location(), nf, w, dtype, kind);
     let mut bases = BASES.lock().unwrap_or_else(PoisonError::into_inner);
     let bases = bases.get_or_insert_with(HashMap::new);
     if let Some(b) = bases.get(&key) {
         return Ok(b.clone());
     }
     let left = (nf - w) / 2;
-    let window = &stft.window()[left..left + w];
+    let window = &window[left..left + w];
     let bins = nf / 2 + 1;
+    // The phase index reduced exactly before the angle: no large arguments.
+    let angle = |j: usize, k: usize| {
+        let m = (j as u64 * (left + k) as u64) % nf as u64;
+        2.0 * std::f64::consts::PI * m as f64 / nf as f64
+    };
     let mut values = vec![0f64; w * nf];
-    values
-        .par_chunks_mut(nf)
-        .zip(window.par_iter())
-        .enumerate()
-        .for_each(|(k, (row, &win))| {
-            let pos = (left + k) as u64;
-            let angle = |j: usize| {
-                // The phase index reduced exactly before the angle: no large arguments.
-                let m = (j as u64 * pos) % nf as u64;
-                2.0 * std::f64::consts::PI * m as f64 / nf as f64
+    match kind {
+        Basis::Forward => values
+            .par_chunks_mut(nf)
+            .zip(window.par_iter())
+            .enumerate()
+            .for_each(|(k, (row, &win))| {
+                let (re, im) = row.split_at_mut(bins);
+                for (j, v) in re.iter_mut().enumerate() {
+                    *v = win * angle(j, k).cos();
+                }
+                for (j, v) in im.iter_mut().enumerate() {
+                    *v = -win * angle(j + 1, k).sin();
+                }
+            }),
+        Basis::Inverse => values.par_chunks_mut(w).enumerate().for_each(|(row, out)| {
+            // Rows: the real parts of bins 0..=n_fft/2, then the imaginary parts of 1..n_fft/2.
+            let (j, imaginary) = if row < bins {
+                (row, false)
+            } else {
+                (row - bins + 1, true)
             };
-            let (re, im) = row.split_at_mut(bins);
-            for (j, v) in re.iter_mut().enumerate() {
-                *v = win * angle(j).cos();
+            let weight = if j == 0 || j == nf / 2 { 1.0 } else { 2.0 } / nf as f64;
+            for (k, (v, &win)) in out.iter_mut().zip(window).enumerate() {
+                *v = win
+                    * weight
+                    * if imaginary {
+                        -angle(j, k).sin()
+                    } else {
+                        angle(j, k).cos()
+                    };
             }
-            for (j, v) in im.iter_mut().enumerate() {
-                *v = -win * angle(j + 1).sin();
-            }
-        });
-    let basis = Tensor::from_vec(values, (w, nf), &Device::Cpu)?
+        }),
+    }
+    let shape = match kind {
+        Basis::Forward => (w, nf),
+        Basis::Inverse => (nf, w),
+    };
+    let basis = Tensor::from_vec(values, shape, &Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)?;
     bases.insert(key, basis.clone());
     Ok(basis)
+}
+
+/// `[S·T, n_fft]` (real parts of the bins ‖ imaginary parts of the interior bins, as the
+/// bases order them) → `[S, F, T, 2]`, the imaginary parts of DC and Nyquist zero.
+fn to_spectrogram(y: &Tensor, signals: usize, frames: usize, bins: usize) -> Result<Tensor> {
+    let rows = signals * frames;
+    let re = y.narrow(1, 0, bins)?;
+    let zero = Tensor::zeros((rows, 1), y.dtype(), y.device())?;
+    let im = Tensor::cat(&[&zero, &y.narrow(1, bins, bins - 2)?, &zero], 1)?;
+    Tensor::stack(&[re, im], 2)?
+        .reshape((signals, frames, bins, 2))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[S, F, T, 2]` → `[S·T, n_fft]` in the bases' order (the imaginary parts of DC and
+/// Nyquist dropped: the inverse real DFT ignores them, the STFT has them zero).
+fn from_spectrogram(spec: &Tensor, signals: usize, frames: usize, bins: usize) -> Result<Tensor> {
+    let rows = signals * frames;
+    let by_frame = spec
+        .reshape((signals, bins, frames, 2))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, bins, 2))?;
+    let re = by_frame.narrow(2, 0, 1)?.squeeze(2)?;
+    let im = by_frame
+        .narrow(2, 1, 1)?
+        .squeeze(2)?
+        .narrow(1, 1, bins - 2)?;
+    Tensor::cat(&[re, im], 1)
+}
+
+/// The whole-signal framing of `geom` for `signals` signals.
+fn whole_frames(geom: &Geometry, signals: usize, reflect: bool) -> FrameMap {
+    let (nf, w) = (geom.n_fft, geom.win_length);
+    FrameMap {
+        signals,
+        n: geom.n,
+        f0: 0,
+        fc: geom.frames,
+        hop: geom.hop,
+        offset: ((nf - w) / 2) as isize - (nf / 2) as isize,
+        w,
+        reflect,
+    }
+}
+
+/// `1 / envelope` of the iSTFT's output samples `[1, n]` (see `Geometry::inverse_envelope`).
+fn inverse_envelope(geom: &Geometry, dtype: DType, device: &Device) -> Result<Tensor> {
+    let pad = geom.n_fft / 2;
+    let inv = geom.inverse_envelope()?;
+    let kept: Vec<f64> = (0..geom.n)
+        .map(|i| inv.get(i + pad).copied().unwrap_or(0.0))
+        .collect();
+    Tensor::from_vec(kept, (1, geom.n), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+/// The STFT family's linear map `kind` of `x` (f32 or f64, shape checked as [`SpecOp`] does)
+/// by DFT matmuls on `x`'s device, without a graph.
+pub(super) fn spec_map(kind: Kind, geom: &Arc<Geometry>, x: &Tensor) -> Result<Tensor> {
+    let op = SpecOp {
+        kind,
+        geom: geom.clone(),
+    };
+    let (signals, out_shape) = op.shapes(x.dims())?;
+    let g = geom.as_ref();
+    let (dtype, device) = (x.dtype(), x.device());
+    let (nf, w, bins, frames) = (g.n_fft, g.win_length, g.bins(), g.frames);
+    let _full = FullPrecisionGemm::on();
+    let x = x.detach().contiguous()?;
+    let out = match kind {
+        Kind::Stft => {
+            let fr = x
+                .reshape((signals, g.n))?
+                .apply_op1_no_bwd(&Frames(whole_frames(g, signals, true)))?;
+            let y = fr.matmul(&basis(Basis::Forward, &g.window, w, device, dtype)?)?;
+            drop(fr);
+            to_spectrogram(&y, signals, frames, bins)?
+        }
+        Kind::StftAdjoint => {
+            let y = from_spectrogram(&x, signals, frames, bins)?;
+            let back = y.matmul(&basis(Basis::Forward, &g.window, w, device, dtype)?.t()?)?;
+            drop(y);
+            let acc = Tensor::zeros((signals, g.n), dtype, device)?;
+            acc.inplace_op2(
+                &back,
+                &AdjointAdd {
+                    map: whole_frames(g, signals, true),
+                    alpha: 1.0,
+                },
+            )?;
+            acc
+        }
+        Kind::Istft => {
+            let y = from_spectrogram(&x, signals, frames, bins)?;
+            let fr = y.matmul(&basis(Basis::Inverse, &g.window, w, device, dtype)?)?;
+            drop(y);
+            let acc = Tensor::zeros((signals, g.n), dtype, device)?;
+            acc.inplace_op2(
+                &fr,
+                &AdjointAdd {
+                    map: whole_frames(g, signals, false),
+                    alpha: 1.0,
+                },
+            )?;
+            acc.broadcast_mul(&inverse_envelope(g, dtype, device)?)?
+        }
+        Kind::IstftAdjoint => {
+            let scaled = x
+                .reshape((signals, g.n))?
+                .broadcast_mul(&inverse_envelope(g, dtype, device)?)?;
+            let fr = scaled.apply_op1_no_bwd(&Frames(whole_frames(g, signals, false)))?;
+            drop(scaled);
+            let y = fr.matmul(&basis(Basis::Inverse, &g.window, w, device, dtype)?.t()?)?;
+            drop(fr);
+            to_spectrogram(&y, signals, frames, bins)?
+        }
+    };
+    debug_assert_eq!(nf, g.window.len());
+    out.reshape(out_shape)
+}
+
+/// [`spec_map`] with a graph: the gradient is the adjoint map of the upstream gradient.
+pub(super) fn spec_map_tracked(kind: Kind, geom: &Arc<Geometry>, x: &Tensor) -> Result<Tensor> {
+    let value = spec_map(kind, geom, x)?;
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op2(
+        &value,
+        AttachAdjoint {
+            kind,
+            geom: geom.clone(),
+        },
+    )
+}
+
+/// `(x, kind(x))` → `kind(x)`, with the gradient `kind*(γ)` for `x`.
+struct AttachAdjoint {
+    kind: Kind,
+    geom: Arc<Geometry>,
+}
+
+impl CustomOp2 for AttachAdjoint {
+    fn name(&self) -> &'static str {
+        "stft-dft"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None));
+        }
+        let dx = spec_map(self.kind.adjoint(), &self.geom, &grad.to_dtype(x.dtype())?)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `mask · spec` per complex value (last dim (re, im)): `mask` `[B, S, ...]`, `spec` `[B, ...]`
+/// broadcast over the `S` sources; `conj` takes `conj(spec)`.
+fn complex_product(mask: &Tensor, spec: &Tensor, conj: bool) -> Result<Tensor> {
+    let last = mask.rank() - 1;
+    let spec = spec.unsqueeze(1)?;
+    let (mr, mi) = (mask.narrow(last, 0, 1)?, mask.narrow(last, 1, 1)?);
+    let (sr, si) = (spec.narrow(last, 0, 1)?, spec.narrow(last, 1, 1)?);
+    // One half at a time: its two partial products die with it.
+    let re = {
+        let (a, b) = (mr.broadcast_mul(&sr)?, mi.broadcast_mul(&si)?);
+        if conj { a + b } else { a - b }
+    }?;
+    let im = {
+        let (a, b) = (mi.broadcast_mul(&sr)?, mr.broadcast_mul(&si)?);
+        if conj { a - b } else { a + b }
+    }?;
+    Tensor::cat(&[re, im], last)
+}
+
+/// `Stft::inverse_masked` by DFT matmuls: the product and its iSTFT without a graph, then
+/// attached to `mask` and `spec` with their gradients (`dy = iSTFT*(γ)`, `dmask = dy ·
+/// conj(spec)`, `dspec = Σ_s dy · conj(mask)`), so the graph keeps the mask and the
+/// spectrogram only, as the CPU kernel's does. f32 or f64 (checked by the caller).
+pub(super) fn inverse_masked_dft(
+    geom: &Arc<Geometry>,
+    mask: &Tensor,
+    spec: &Tensor,
+) -> Result<Tensor> {
+    let product = complex_product(&mask.detach(), &spec.detach(), false)?;
+    let value = spec_map(Kind::Istft, geom, &product)?;
+    drop(product);
+    if !mask.track_op() && !spec.track_op() {
+        return Ok(value);
+    }
+    mask.apply_op3(
+        &spec.contiguous()?,
+        &value,
+        MaskedIstftDft { geom: geom.clone() },
+    )
+}
+
+/// `(mask, spec, value)` → `value` with the masked iSTFT's gradients.
+struct MaskedIstftDft {
+    geom: Arc<Geometry>,
+}
+
+impl candle_core::CustomOp3 for MaskedIstftDft {
+    fn name(&self) -> &'static str {
+        "masked-istft-dft"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        mask: &Tensor,
+        spec: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = spec_map(
+            Kind::IstftAdjoint,
+            &self.geom,
+            &grad.to_dtype(mask.dtype())?,
+        )?;
+        let dmask = if mask.track_op() {
+            Some(complex_product(&dy, &spec.detach(), true)?)
+        } else {
+            None
+        };
+        let dspec = if spec.track_op() {
+            // Σ_s dy_s · conj(mask_s) = conj(Σ_s mask_s · conj(dy_s)).
+            let m = mask.detach();
+            let last = m.rank() - 1;
+            let (mr, mi) = (m.narrow(last, 0, 1)?, m.narrow(last, 1, 1)?);
+            let (dr, di) = (dy.narrow(last, 0, 1)?, dy.narrow(last, 1, 1)?);
+            let re = ((dr.broadcast_mul(&mr)? + di.broadcast_mul(&mi)?)?).sum(1)?;
+            let im = ((di.broadcast_mul(&mr)? - dr.broadcast_mul(&mi)?)?).sum(1)?;
+            Some(Tensor::cat(&[re, im], last - 1)?)
+        } else {
+            None
+        };
+        Ok((dmask, dspec, None))
+    }
 }
 
 /// `[S, N]` → `[S·fc, w]`, the frames of one chunk ([`FrameMap`]); no backward (the path
@@ -249,11 +592,23 @@ impl Frames {
                 for (f, frame) in dst.chunks_mut(m.w).enumerate() {
                     let start = ((m.f0 + f) * m.hop) as isize + m.offset;
                     for (k, v) in frame.iter_mut().enumerate() {
-                        *v = sig[reflect(start + k as isize, m.n)];
+                        *v = match position(start + k as isize, m) {
+                            Some(i) => sig[i],
+                            None => T::zero(),
+                        };
                     }
                 }
             });
         out
+    }
+}
+
+/// The sample that position `i` of a frame reads: reflected, or none outside the signal.
+fn position(i: isize, m: &FrameMap) -> Option<usize> {
+    if m.reflect {
+        Some(reflect(i, m.n))
+    } else {
+        usize::try_from(i).ok().filter(|&i| i < m.n)
     }
 }
 
@@ -310,7 +665,9 @@ impl AdjointAdd {
                 for (f, frame) in frames.chunks(m.w).enumerate() {
                     let start = ((m.f0 + f) * m.hop) as isize + m.offset;
                     for (k, v) in frame.iter().enumerate() {
-                        dst[reflect(start + k as isize, m.n)] += alpha * *v;
+                        if let Some(i) = position(start + k as isize, m) {
+                            dst[i] += alpha * *v;
+                        }
                     }
                 }
             });
@@ -525,7 +882,8 @@ mod tests {
     #[test]
     fn the_adjoint_add_is_the_framings_adjoint() -> Result<()> {
         let (signals, n) = (2, 37);
-        for (hop, w, offset) in [(5usize, 16usize, -8isize), (3, 9, -12), (7, 30, -16)] {
+        let cases = [(5usize, 16usize, -8isize), (3, 9, -12), (7, 30, -16)];
+        for ((hop, w, offset), reflect) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
             let frames = n / hop + 1;
             for (f0, fc) in [(0, frames), (1, 2), (frames - 1, 1)] {
                 let map = FrameMap {
@@ -536,6 +894,7 @@ mod tests {
                     hop,
                     offset,
                     w,
+                    reflect,
                 };
                 let x = signal(&[signals, n], 11, DType::F64)?;
                 let g = signal(&[signals * fc, w], 12, DType::F64)?;
@@ -546,7 +905,7 @@ mod tests {
                 let rhs = (acc * &x)?.sum_all()?.to_scalar::<f64>()?;
                 assert!(
                     (lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0),
-                    "hop {hop}, w {w}, offset {offset}, frames {f0}+{fc}: {lhs} against {rhs}"
+                    "hop {hop}, w {w}, offset {offset}, reflect {reflect}, frames {f0}+{fc}: {lhs} against {rhs}"
                 );
             }
         }
@@ -568,5 +927,71 @@ mod tests {
             "{working}"
         );
         assert!(working >= 2 * CHUNK_BYTES as u64 * 9 / 10, "{working}");
+    }
+
+    /// Value and gradients of `⟨r, f(inputs)⟩` for a fixed projection `r`.
+    fn projected(
+        f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Vec<f64>>> {
+        let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let r = signal(y.dims(), 99, y.dtype())?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let mut out = vec![y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?];
+        for v in &vars {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| Error::Msg("no gradient".into()))?;
+            out.push(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        Ok(out)
+    }
+
+    /// `f` by DFT matmuls (under `with_composed_ops`) equals `f` by the FFT kernels, in value and
+    /// gradients.
+    fn same_as_the_fft_kernels(
+        what: &str,
+        f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        inputs: &[Tensor],
+    ) -> Result<()> {
+        let fft = projected(f, inputs)?;
+        let dft = crate::ops::with_composed_ops(|| projected(f, inputs))?;
+        for (i, (a, b)) in dft.iter().zip(&fft).enumerate() {
+            assert_eq!(a.len(), b.len(), "{what}: part {i}");
+            let e = rel(a, b);
+            assert!(e < 1e-10, "{what}: part {i} (0: value) off by {e:e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_stft_and_istft_by_dft_equal_the_fft_kernels() -> Result<()> {
+        for stft in [
+            Stft::new(16, 5, 16)?,
+            Stft::new(24, 4, 12)?,
+            Stft::new(8, 3, 8)?,
+        ] {
+            let n = 41;
+            let x = signal(&[2, 3, n], 1, DType::F64)?;
+            same_as_the_fft_kernels("stft", &|a| stft.forward(&a[0]), std::slice::from_ref(&x))?;
+            let spec = signal(&[2, stft.n_bins(), stft.n_frames(n), 2], 2, DType::F64)?;
+            same_as_the_fft_kernels(
+                "istft",
+                &|a| stft.inverse(&a[0], n),
+                std::slice::from_ref(&spec),
+            )?;
+            // Masks of 3 sources on a [B = 2, 2 channels] spectrogram; the mask strided.
+            let frames = stft.n_frames(n);
+            let mask = signal(&[2, 2, 3, stft.n_bins(), frames, 2], 3, DType::F64)?;
+            let spec = signal(&[2, 2, stft.n_bins(), frames, 2], 4, DType::F64)?;
+            same_as_the_fft_kernels(
+                "masked istft",
+                &|a| stft.inverse_masked(&a[0].transpose(1, 2)?, &a[1], n),
+                &[mask, spec],
+            )?;
+        }
+        Ok(())
     }
 }

@@ -1008,15 +1008,25 @@ fn source_mask(t: &mut Tape, s: &Shapes, inputs: &[Id]) -> Id {
 /// kernel copies the (strided) mask into the product's buffer, then runs the iSTFT.
 fn apply_mask_istft(t: &mut Tape, s: &Shapes, ctx: &Context, mask: Id, sources: u64) -> Id {
     t.begin();
-    let (fwd, adj) = istft_scratch(s);
     let product = t.elems(mask) * s.es;
+    let out = s.b * sources * 2 * s.n;
+    let (scratch, adjoint_scratch, product_scratch) = if s.gpu {
+        // DFT matmuls (`ops::stft_dft`): the product, its frame-major copy and the matmul's
+        // input; the result's copy attached to the graph. Backward: the adjoint's spectra
+        // being reordered next to `dy`, then half of `dmask`'s partial products.
+        (3 * product + out * s.es, 2 * product, 3 * product / 2)
+    } else {
+        let (fwd, adj) = istft_scratch(s);
+        (product + fwd, adj, 0)
+    };
     let est = t.fused(
         Fused::MaskedIstft {
-            adjoint_scratch: adj,
+            adjoint_scratch,
+            product_scratch,
         },
         &[mask, ctx.spec],
-        s.b * sources * 2 * s.n,
-        product + fwd,
+        out,
+        scratch,
     );
     t.end(&[est]);
     est

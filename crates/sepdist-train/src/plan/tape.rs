@@ -82,8 +82,12 @@ pub(crate) enum Fused {
     /// `Stft::inverse_masked` `(mask, spec)`: the backward applies the iSTFT's adjoint to the
     /// gradient (`dy`, of the mask's size; its kernel holds `adjoint_scratch` bytes meanwhile),
     /// then returns `dspec = Σ_s dy·conj(mask)` and `dmask = dy·conj(spec)` (each only when
-    /// tracked); `dy` dies when the backward returns.
-    MaskedIstft { adjoint_scratch: u64 },
+    /// tracked; the GPU's composed products hold `product_scratch` bytes before `dmask`); `dy`
+    /// dies when the backward returns.
+    MaskedIstft {
+        adjoint_scratch: u64,
+        product_scratch: u64,
+    },
     /// `stft_l1::multi_stft_l1` `(x)`: the backward kernel allocates `dx`, then holds
     /// `scratch` bytes (a resolution's frame buffer and padded overlap-add) while it fills it.
     MultiStftL1 { scratch: u64 },
@@ -765,7 +769,10 @@ impl Tape {
                     grads[0] = Some(self.leaf(self.elems(args[0]), es, false));
                 }
             }
-            Fused::MaskedIstft { adjoint_scratch } => {
+            Fused::MaskedIstft {
+                adjoint_scratch,
+                product_scratch,
+            } => {
                 let (mask, spec) = (args[0], args[1]);
                 self.mem.alloc(adjoint_scratch);
                 let dy = self.leaf(self.elems(mask), es, false);
@@ -774,6 +781,7 @@ impl Tape {
                     grads[1] = Some(self.leaf(self.elems(spec), es, false));
                 }
                 if tracked(self, 0) {
+                    self.mem.spike(product_scratch);
                     grads[0] = Some(self.leaf(self.elems(mask), es, false));
                 }
                 self.drop_local(dy);
