@@ -167,12 +167,19 @@ fn multi_stft_l1_dft_chunked(x: &Tensor, stfts: &[Stft], chunk_bytes: usize) -> 
     let value = value.to_dtype(dtype)?;
     match grad {
         None => Ok(value),
-        Some(g) => x.apply_op2(
-            &value,
-            AttachGradient {
-                grad: g.reshape(x.shape())?,
-            },
-        ),
+        Some(g) => {
+            // The loss is a scalar: its gradient is `g` times the upstream one.
+            let g = g.reshape(x.shape())?;
+            let backward: Backward =
+                Box::new(move |_, gamma| g.broadcast_mul(&gamma.to_dtype(g.dtype())?));
+            x.apply_op2(
+                &value,
+                Attach {
+                    name: "multi-stft-l1-dft",
+                    backward,
+                },
+            )
+        }
     }
 }
 
@@ -412,60 +419,17 @@ pub(super) fn spec_map_tracked(kind: Kind, geom: &Arc<Geometry>, x: &Tensor) -> 
     if !x.track_op() {
         return Ok(value);
     }
+    // A linear map's gradient is its adjoint applied to the upstream gradient.
+    let geom = geom.clone();
+    let backward: Backward =
+        Box::new(move |x, gamma| spec_map(kind.adjoint(), &geom, &gamma.to_dtype(x.dtype())?));
     x.apply_op2(
         &value,
-        AttachAdjoint {
-            kind,
-            geom: geom.clone(),
+        Attach {
+            name: "stft-dft",
+            backward,
         },
     )
-}
-
-/// `(x, kind(x))` → `kind(x)`, with the gradient `kind*(γ)` for `x`.
-struct AttachAdjoint {
-    kind: Kind,
-    geom: Arc<Geometry>,
-}
-
-impl CustomOp2 for AttachAdjoint {
-    fn name(&self) -> &'static str {
-        "stft-dft"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _value: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !x.track_op() {
-            return Ok((None, None));
-        }
-        let dx = spec_map(self.kind.adjoint(), &self.geom, &grad.to_dtype(x.dtype())?)?;
-        Ok((Some(dx), None))
-    }
 }
 
 /// `mask · spec` per complex value (last dim (re, im)): `mask` `[B, S, ...]`, `spec` `[B, ...]`
@@ -722,14 +686,19 @@ impl InplaceOp2 for AdjointAdd {
     }
 }
 
-/// `(x, value)` → `value`, with the gradient `grad · γ` for `x` (`γ` the upstream scalar).
-struct AttachGradient {
-    grad: Tensor,
+/// `x`'s gradient from the upstream one (`x`, `γ`).
+type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `(x, value)` → `value`, computed without a graph, with the gradient `backward(x, γ)` for
+/// `x`: a map whose value and gradient the DFT path computes itself joins candle's graph.
+struct Attach {
+    name: &'static str,
+    backward: Backward,
 }
 
-impl CustomOp2 for AttachGradient {
+impl CustomOp2 for Attach {
     fn name(&self) -> &'static str {
-        "attach-gradient"
+        self.name
     }
 
     fn cpu_fwd(
@@ -763,10 +732,7 @@ impl CustomOp2 for AttachGradient {
         if !x.track_op() {
             return Ok((None, None));
         }
-        let dx = self
-            .grad
-            .broadcast_mul(&grad.to_dtype(self.grad.dtype())?)?;
-        Ok((Some(dx.to_dtype(x.dtype())?), None))
+        Ok((Some((self.backward)(x, grad)?.to_dtype(x.dtype())?), None))
     }
 }
 
