@@ -553,6 +553,12 @@ def size(text):
     v, u = text.split()
     return float(v) * UNITS[u]
 
+def run_lines(text):
+    """A `sepdist train` log's progress lines and its --memory-report peak line (or None)."""
+    lines = re.findall(r"^epoch \d+ step \d+/\d+: .*$", text, re.M)
+    rep = re.search(r"^  peak allocated .*$", text, re.M)
+    return lines, rep.group(0).strip() if rep else None
+
 def gb(x):
     if x is None:
         return "n/a"
@@ -675,16 +681,15 @@ if env["GC_QUICK"] != "1":
                          "(nvidia-smi, above idle: CUDA context + pool)"))
     # The progress line.
     tlog = read("train.log")
-    lines = re.findall(r"^epoch \d+ step \d+/\d+: .*$", tlog, re.M)
+    lines, rep = run_lines(tlog)
     if lines:
         rows.append(("train", f"{len(lines)} progress lines; last: {lines[-1]}"))
         summary["last_progress_line"] = lines[-1]
     val = re.findall(r"^step \d+: validation loss .*$", tlog, re.M)
     if val:
         rows.append(("validation", val[-1]))
-    rep = re.search(r"^  peak allocated .*$", tlog, re.M)
     if rep:
-        rows.append(("train --memory-report", rep.group(0).strip()))
+        rows.append(("train --memory-report", rep))
     # The profile: each block kind's forward and backward seconds per step and its share.
     prof = read("profile.log")
     m = re.search(r"^profile\s+mean per step ([0-9.]+) s", prof, re.M)
@@ -701,13 +706,11 @@ if env.get("GC_OOM"):
     rows.append(("out of memory", env["GC_OOM"]))
 if env.get("GC_XLARGE"):
     rows.append(("xlarge", env["GC_XLARGE"]))
-    xl = read("xlarge.log")
-    lines = re.findall(r"^epoch \d+ step \d+/\d+: .*$", xl, re.M)
+    lines, rep = run_lines(read("xlarge.log"))
     if lines:
         rows.append(("xlarge train", lines[-1]))
-    rep = re.search(r"^  peak allocated .*$", xl, re.M)
     if rep:
-        rows.append(("xlarge --memory-report", rep.group(0).strip()))
+        rows.append(("xlarge --memory-report", rep))
     p = smi_peak("smi_xlarge.txt")
     if p is not None:
         rows.append(("device memory used (xlarge)", gb(p - (smi_peak("smi_idle.txt") or 0))))

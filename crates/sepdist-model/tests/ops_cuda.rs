@@ -473,6 +473,26 @@ fn ops_cuda_multi_stft_l1_equals_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// The largest relative difference of each CUDA result from its CPU twin, and its name; a
+/// difference of [`MODEL_TOL`] or more fails, naming the result.
+fn worst_difference<'a>(
+    results: impl IntoIterator<Item = (String, &'a Tensor, &'a Tensor)>,
+) -> Result<(f64, String)> {
+    let mut worst = (0.0f64, String::new());
+    for (what, gpu, cpu) in results {
+        assert_eq!(gpu.dims(), cpu.dims(), "{what}");
+        let err = max_abs_diff(gpu, cpu)? / max_abs(cpu)?.max(1e-30);
+        assert!(
+            err < MODEL_TOL,
+            "{what} on CUDA differs from the CPU by {err:e} (relative)"
+        );
+        if err > worst.0 {
+            worst = (err, what);
+        }
+    }
+    Ok(worst)
+}
+
 fn tiny() -> ModelConfig {
     ModelConfig {
         n_fft: 64,
@@ -553,18 +573,11 @@ fn ops_cuda_separator_loss_and_gradients_equal_the_cpu()
             "{kind:?}: loss {l_gpu} on CUDA, {l_cpu} on the CPU (relative {rel:e})"
         );
         assert_eq!(g_cpu.len(), params.len());
-        let mut worst = (0.0f64, String::new());
-        for (name, c) in &g_cpu {
-            let g = &g_gpu[name];
-            let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-30);
-            assert!(
-                err < MODEL_TOL,
-                "{kind:?}: gradient of {name} on CUDA differs from the CPU by {err:e} (relative)"
-            );
-            if err > worst.0 {
-                worst = (err, name.clone());
-            }
-        }
+        let worst = worst_difference(
+            g_cpu
+                .iter()
+                .map(|(name, c)| (format!("{kind:?}: gradient of {name}"), &g_gpu[name], c)),
+        )?;
         println!(
             "separator ({kind:?}): loss {l_cpu} (relative difference {rel:e}); {} gradients, worst {:e} ({})",
             g_cpu.len(),
@@ -650,18 +663,11 @@ fn ops_cuda_blocks_own_backward_equals_the_cpu()
     let cpu = run(&Device::Cpu)?;
     let gpu = run(&dev)?;
     assert_eq!(cpu.len(), gpu.len());
-    let mut worst = (0.0f64, String::new());
-    for ((what, c), (_, g)) in cpu.iter().zip(&gpu) {
-        assert_eq!(g.dims(), c.dims(), "{what}");
-        let err = max_abs_diff(g, c)? / max_abs(c)?.max(1e-30);
-        assert!(
-            err < MODEL_TOL,
-            "{what} on CUDA differs from the CPU by {err:e} (relative)"
-        );
-        if err > worst.0 {
-            worst = (err, what.clone());
-        }
-    }
+    let worst = worst_difference(
+        cpu.iter()
+            .zip(&gpu)
+            .map(|((what, c), (_, g))| (what.clone(), g, c)),
+    )?;
     println!(
         "blocks' own backward: {} results, worst relative difference {:e} ({})",
         cpu.len(),

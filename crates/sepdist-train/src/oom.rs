@@ -960,8 +960,8 @@ mod tests {
     fn a_failed_step_refits_to_a_smaller_setting_of_the_same_batch() {
         let cfg = tiny();
         let p = planner(&cfg, 1).expect("planner");
-        let peak = p.predict(&p.configured()).peak;
         let prediction = p.predict(&p.configured());
+        let peak = prediction.peak;
         let best = fitted_after_failure(
             &p,
             peak * 3 / 4,

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Error, Layout, Result
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Real, cast, contiguous_slice, is_half, unsupported_dtype};
+use super::cpu::{Real, cast, contiguous_slice, contiguous_slice_mut, is_half, unsupported_dtype};
 use super::softmax::softmax_last_dim;
 use realfft::num_traits::Float;
 
@@ -369,12 +369,7 @@ impl FlashAttnBwdInPlace {
         l3: &Layout,
     ) -> Result<()> {
         let name = "flash-attention-bwd-in-place";
-        let (start, end) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg(format!("{name}: expected a contiguous input")))?;
-        let qkv = qkv
-            .get_mut(start..end)
-            .ok_or_else(|| Error::Msg(format!("{name}: layout out of bounds")))?;
+        let qkv = contiguous_slice_mut(qkv, l1, name)?;
         let o = contiguous_slice::<T>(s2, l2, name)?;
         let g = contiguous_slice::<T>(s3, l3, name)?;
         let d = self.d;

@@ -170,14 +170,18 @@ pub fn out_proj_residual_composed(
     seq: SeqLayout,
     head_dim: usize,
 ) -> Result<Tensor> {
-    let (_, heads, _, _) = fo.dims4()?;
-    let o = fo
-        .narrow(3, 0, head_dim)?
-        .reshape((seq.outer, seq.inner, heads, seq.len, head_dim))?
+    let o = heads_to_rows(&fo.narrow(3, 0, head_dim)?, seq)?;
+    x + o.matmul(&wo.t()?)?.reshape(x.shape())?
+}
+
+/// A head-major `[S, H, L, Dh]` tensor (S = outer·inner) in the activation's row order:
+/// `[rows, H·Dh]`, rows `(outer, len, inner)`.
+fn heads_to_rows(t: &Tensor, seq: SeqLayout) -> Result<Tensor> {
+    let (_, heads, _, dh) = t.dims4()?;
+    t.reshape((seq.outer, seq.inner, heads, seq.len, dh))?
         .permute((0, 3, 1, 2, 4))?
         .contiguous()?
-        .reshape((seq.rows(), heads * head_dim))?;
-    x + o.matmul(&wo.t()?)?.reshape(x.shape())?
+        .reshape((seq.rows(), heads * dh))
 }
 
 /// The backward of [`qkv_rope`] without a graph (the fused op's, on the CPU): `(d hn, d w)`
@@ -230,11 +234,7 @@ pub fn qkv_rope_backward_composed(
         } else {
             rope.apply_transposed(&g)?
         };
-        let g = g
-            .reshape((seq.outer, seq.inner, heads, seq.len, dh))?
-            .permute((0, 3, 1, 2, 4))?
-            .contiguous()?
-            .unsqueeze(3)?;
+        let g = heads_to_rows(&g, seq)?.reshape((seq.outer, seq.len, seq.inner, 1, heads, dh))?;
         rows.slice_set(&g, 3, part)?;
     }
     drop(grad);
@@ -277,12 +277,7 @@ pub fn out_proj_residual_backward_composed(
     let (s, heads, len, e) = fo.dims4()?;
     let d = wo.dim(0)?;
     let g2 = grad.reshape((seq.rows(), d))?;
-    let o = fo
-        .narrow(3, 0, head_dim)?
-        .reshape((seq.outer, seq.inner, heads, seq.len, head_dim))?
-        .permute((0, 3, 1, 2, 4))?
-        .contiguous()?
-        .reshape((seq.rows(), heads * head_dim))?;
+    let o = heads_to_rows(&fo.narrow(3, 0, head_dim)?, seq)?;
     let dwo = g2.t()?.matmul(&o)?;
     drop(o);
     let mut dfo = g2

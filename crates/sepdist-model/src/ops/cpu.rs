@@ -27,6 +27,19 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
         .ok_or_else(|| Error::Msg(format!("{op}: layout out of the storage bounds")))
 }
 
+/// The contiguous part of `data` (an in-place op's destination) described by `layout`.
+pub(crate) fn contiguous_slice_mut<'a, T>(
+    data: &'a mut [T],
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: expected a contiguous input")))?;
+    data.get_mut(start..end)
+        .ok_or_else(|| Error::Msg(format!("{op}: layout out of the storage bounds")))
+}
+
 /// The error returned for dtypes that have no CPU kernel.
 pub(crate) fn unsupported_dtype(op: &str, dtype: DType) -> Error {
     Error::Msg(format!(

@@ -10,10 +10,10 @@ use candle_core::op::{GeluErf, UnaryOpT};
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::unsupported_dtype;
 use super::cpu::{
     Real, contiguous_offset, contiguous_slice, in_f32, kernel_takes, map_tensor, matmul_cpu,
 };
+use super::cpu::{contiguous_slice_mut, unsupported_dtype};
 
 /// `x · wᵀ + b`: `x` `[.., Din]`, `w` `[Dout, Din]` (PyTorch's out × in), `b` `[Dout]`;
 /// returns `[.., Dout]`. Differentiable in all three.
@@ -366,10 +366,7 @@ struct TimesGeluGrad;
 impl TimesGeluGrad {
     fn run<T: Gelu>(d: &mut [T], l1: &Layout, h: &[T]) -> Result<()> {
         let name = "gelu-grad-in-place";
-        let off = contiguous_offset(l1, name)?;
-        let d = d
-            .get_mut(off..off + l1.shape().elem_count())
-            .ok_or_else(|| Error::Msg(format!("{name}: layout out of the buffer")))?;
+        let d = contiguous_slice_mut(d, l1, name)?;
         if d.len() != h.len() {
             return Err(Error::Msg(format!(
                 "{name}: {} gradients for {} inputs",

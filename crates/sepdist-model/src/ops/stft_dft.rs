@@ -22,12 +22,12 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, DeviceLocation, Error, InplaceOp2, Layout,
-    Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, DeviceLocation, InplaceOp2, Layout, Result,
+    Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
-use super::cpu::{Real, contiguous_slice, unsupported_dtype};
+use super::cpu::{Real, contiguous_slice, contiguous_slice_mut, unsupported_dtype};
 use super::stft::{Geometry, Kind, SpecOp, Stft};
 use std::sync::Arc;
 
@@ -128,7 +128,7 @@ fn multi_stft_l1_dft_chunked(x: &Tensor, stfts: &[Stft], chunk_bytes: usize) -> 
         let frames = stft.n_frames(n);
         let (nf, w) = (stft.n_fft(), stft.win_length());
         let count = (signals * stft.n_bins() * frames * 2) as f64;
-        let basis = dft_basis(stft, x.device(), dtype)?;
+        let basis = basis(Basis::Forward, stft.window(), w, x.device(), dtype)?;
         let fc = chunk_frames(signals, nf, dtype.size_in_bytes(), frames, chunk_bytes);
         for f0 in (0..frames).step_by(fc) {
             let map = FrameMap {
@@ -137,7 +137,7 @@ fn multi_stft_l1_dft_chunked(x: &Tensor, stfts: &[Stft], chunk_bytes: usize) -> 
                 f0,
                 fc: fc.min(frames - f0),
                 hop: stft.hop(),
-                offset: ((nf - w) / 2) as isize - (nf / 2) as isize,
+                offset: frame_offset(nf, w),
                 w,
                 reflect: true,
             };
@@ -218,18 +218,7 @@ type BasisKey = (DeviceLocation, usize, usize, DType, Basis);
 /// 4096-point basis is 16.8 M cosines and sines).
 static BASES: Mutex<Option<HashMap<BasisKey, Tensor>>> = Mutex::new(None);
 
-/// The forward basis of the periodic Hann window `window` (`n_fft` long, zero outside its
-/// centred `w` samples): see [`Basis::Forward`].
-fn dft_basis(stft: &Stft, device: &Device, dtype: DType) -> Result<Tensor> {
-    basis(
-        Basis::Forward,
-        stft.window(),
-        stft.win_length(),
-        device,
-        dtype,
-    )
-}
-
+/// Basis `kind` of the window `window` (`n_fft` long, zero outside its centred `w` samples).
 fn basis(kind: Basis, window: &[f64], w: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let nf = window.len();
     let key = (device.location(), nf, w, dtype, kind);
@@ -321,6 +310,12 @@ fn from_spectrogram(spec: &Tensor, signals: usize, frames: usize, bins: usize) -
     Tensor::cat(&[re, im], 1)
 }
 
+/// Where frame 0's window starts relative to the unpadded signal: the window's offset inside
+/// `n_fft` less the centred STFT's padding `n_fft/2`.
+fn frame_offset(n_fft: usize, w: usize) -> isize {
+    ((n_fft - w) / 2) as isize - (n_fft / 2) as isize
+}
+
 /// The whole-signal framing of `geom` for `signals` signals.
 fn whole_frames(geom: &Geometry, signals: usize, reflect: bool) -> FrameMap {
     let (nf, w) = (geom.n_fft, geom.win_length);
@@ -330,7 +325,7 @@ fn whole_frames(geom: &Geometry, signals: usize, reflect: bool) -> FrameMap {
         f0: 0,
         fc: geom.frames,
         hop: geom.hop,
-        offset: ((nf - w) / 2) as isize - (nf / 2) as isize,
+        offset: frame_offset(nf, w),
         w,
         reflect,
     }
@@ -358,7 +353,7 @@ pub(super) fn spec_map(kind: Kind, geom: &Arc<Geometry>, x: &Tensor) -> Result<T
     let (signals, out_shape) = op.shapes(x.dims())?;
     let g = geom.as_ref();
     let (dtype, device) = (x.dtype(), x.device());
-    let (nf, w, bins, frames) = (g.n_fft, g.win_length, g.bins(), g.frames);
+    let (w, bins, frames) = (g.win_length, g.bins(), g.frames);
     let _full = FullPrecisionGemm::on();
     let x = x.detach().contiguous()?;
     let out = match kind {
@@ -409,7 +404,6 @@ pub(super) fn spec_map(kind: Kind, geom: &Arc<Geometry>, x: &Tensor) -> Result<T
             to_spectrogram(&y, signals, frames, bins)?
         }
     };
-    debug_assert_eq!(nf, g.window.len());
     out.reshape(out_shape)
 }
 
@@ -466,11 +460,7 @@ pub(super) fn inverse_masked_dft(
     if !mask.track_op() && !spec.track_op() {
         return Ok(value);
     }
-    mask.apply_op3(
-        &spec.contiguous()?,
-        &value,
-        MaskedIstftDft { geom: geom.clone() },
-    )
+    mask.apply_op3(spec, &value, MaskedIstftDft { geom: geom.clone() })
 }
 
 /// `(mask, spec, value)` → `value` with the masked iSTFT's gradients.
@@ -638,15 +628,6 @@ impl AdjointAdd {
     }
 }
 
-/// The accumulator's contiguous part (`layout`) in `data`.
-fn accumulator<'a, T>(data: &'a mut [T], layout: &Layout, op: &str) -> Result<&'a mut [T]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{op}: expected a contiguous accumulator")))?;
-    data.get_mut(start..end)
-        .ok_or_else(|| Error::Msg(format!("{op}: layout out of the storage bounds")))
-}
-
 impl InplaceOp2 for AdjointAdd {
     fn name(&self) -> &'static str {
         "stft-frames-adjoint"
@@ -663,11 +644,11 @@ impl InplaceOp2 for AdjointAdd {
         match s1 {
             CpuStorage::F32(acc) => {
                 let g = contiguous_slice::<f32>(s2, l2, name)?;
-                self.run(accumulator(acc, l1, name)?, g);
+                self.run(contiguous_slice_mut(acc, l1, name)?, g);
             }
             CpuStorage::F64(acc) => {
                 let g = contiguous_slice::<f64>(s2, l2, name)?;
-                self.run(accumulator(acc, l1, name)?, g);
+                self.run(contiguous_slice_mut(acc, l1, name)?, g);
             }
             other => return Err(unsupported_dtype(name, other.dtype())),
         }
@@ -740,7 +721,7 @@ impl CustomOp2 for Attach {
 mod tests {
     use super::*;
     use crate::ops::stft_l1::multi_stft_l1;
-    use candle_core::Var;
+    use candle_core::{Error, Var};
 
     /// Deterministic values in [-1, 1) (a 64-bit LCG).
     fn signal(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {

@@ -556,7 +556,7 @@ impl Planner {
             m.saturating_mul(t.gradient_accumulation_steps as u64)
         });
         let prefetched = (cfg.dataset.prefetch.max(1) as u64).min(jobs.saturating_sub(1));
-        let data = if self.device.kind.is_gpu() {
+        let data = if gpu {
             audio - target
         } else {
             (2 + prefetched) * audio - target
@@ -611,11 +611,7 @@ impl Planner {
             .max()
             .unwrap_or(0);
         // Between micro-batches only the loader's prefetched batches remain of the data.
-        let queued = if self.device.kind.is_gpu() {
-            0
-        } else {
-            prefetched * audio
-        };
+        let queued = if gpu { 0 } else { prefetched * audio };
         let communication_peak = persistent + queued + comm_phase;
         // Each parameter's copy into its Var (none under ZeRO-3: the engine holds no Vars).
         let load_copy = if stage >= 3 { 0 } else { largest_param * 4 };
