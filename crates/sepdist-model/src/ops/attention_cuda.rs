@@ -24,10 +24,20 @@ pub(crate) const MAX_HEAD: usize = 128;
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 fn ptx() -> Result<&'static str> {
-    PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
+    compiled(&PTX, SOURCE, "attention.cu")
+}
+
+/// The PTX of `source` (`file`), compiled with NVRTC at the first call and kept in `cell`; a
+/// compilation error is kept too, and returned each time.
+pub(crate) fn compiled(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    file: &str,
+) -> Result<&'static str> {
+    cell.get_or_init(|| {
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source)
             .map(|p| p.to_src())
-            .map_err(|e| format!("attention: NVRTC could not compile attention.cu: {e}"))
+            .map_err(|e| format!("NVRTC could not compile {file}: {e}"))
     })
     .as_deref()
     .map_err(|e| Error::Msg(e.clone()))

@@ -21,13 +21,7 @@ const MAX_BLOCKS: usize = 1 << 20;
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 fn ptx() -> Result<&'static str> {
-    PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("stft: NVRTC could not compile stft.cu: {e}"))
-    })
-    .as_deref()
-    .map_err(|e| Error::Msg(e.clone()))
+    super::attention_cuda::compiled(&PTX, SOURCE, "stft.cu")
 }
 
 fn launch_config(total: usize) -> LaunchConfig {
