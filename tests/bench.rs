@@ -3,8 +3,17 @@
 
 mod common;
 use common::{ok, sepdist, text};
+use std::path::PathBuf;
 
 const TINY: &str = "tests/fixtures/tiny.yaml";
+
+/// The tiny config's dataset, generated once for this file's tests (two tests generating
+/// `data/musdb18hq` side by side would read each other's half-written tracks).
+fn data_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| common::tiny_dataset("bench-tests"))
+        .clone()
+}
 
 /// A profile row: block kind, blocks, forward s, backward s, per block s, share %.
 fn row(stdout: &str, kind: &str) -> (usize, f64, f64, f64, f64) {
@@ -23,7 +32,8 @@ fn row(stdout: &str, kind: &str) -> (usize, f64, f64, f64, f64) {
 fn the_profile_splits_the_step_by_block_kind() {
     let out = sepdist()
         .args(["bench", "--config", TINY, "--steps", "2", "--warmup", "1"])
-        .args(["--set", "model.n_layers=2", "--profile"])
+        .args(["--set", "model.n_layers=2", "--profile", "--set"])
+        .arg(format!("dataset.root={}", data_root().display()))
         .output()
         .unwrap();
     ok(&out);
@@ -61,7 +71,10 @@ fn the_profile_splits_the_step_by_block_kind() {
 #[test]
 fn without_profile_there_is_no_profile() {
     let out = sepdist()
-        .args(["bench", "--config", TINY, "--steps", "1", "--warmup", "0"])
+        .args([
+            "bench", "--config", TINY, "--steps", "1", "--warmup", "0", "--set",
+        ])
+        .arg(format!("dataset.root={}", data_root().display()))
         .output()
         .unwrap();
     ok(&out);
